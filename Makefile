@@ -1,0 +1,39 @@
+# Self-installing entry points: `make test` and `make demo` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+# Installed before the package so that pip never resolves a multi-GB CUDA build on CPU machines.
+# Override for other platforms, e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>".
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow lint bench clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		$(PY) -m pip install --disable-pip-version-check $(TORCH_SPEC); \
+	fi
+	$(PY) -m pip install --disable-pip-version-check -e ".[dev]"
+	@touch $(INSTALLED)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check sdmoe_train tests benchmarks
+	$(PY) -m ruff format --check sdmoe_train tests benchmarks
+
+bench: install
+	$(PY) benchmarks/moe_layer.py --out benchmarks/results/moe_layer.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""sdmoe-train: Lightning framework for pretraining Mixture-of-Experts LLMs."""

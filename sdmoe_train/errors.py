@@ -1,0 +1,5 @@
+"""Error types raised for bad user input (configs, CLI flags, paths, cluster layout)."""
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting is invalid; the message names the field, the value and what would work."""

@@ -1,0 +1,170 @@
+"""The single decoder-only transformer behind every preset (Qwen-style and DeepSeek-style MoE, dense).
+
+Pre-norm blocks: ``x + attn(norm(x))`` then ``x + ffn(norm(x))`` with RMSNorm, RoPE, GQA or MLA, and a
+SwiGLU feed-forward that is dense for the first ``moe.first_k_dense`` blocks and MoE after.
+
+Initialisation scheme (:meth:`Transformer.reset_parameters`):
+- every weight matrix, embedding, router and expert bank: N(0, init_std²);
+- residual-stream output projections (attention ``o_proj`` and every ``down_proj``, dense, shared and
+  routed): N(0, (init_std / sqrt(2·n_layers))²), so the residual variance stays O(1) with depth
+  (GPT-2, Radford et al. 2019);
+- norm weights 1, biases 0, the routers' selection bias 0.
+"""
+
+# Shape key: B sequences, S tokens, D model width, V vocabulary, L MoE layers, E experts.
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdmoe_train.models.attention import build_attention
+from sdmoe_train.models.config import TransformerConfig
+from sdmoe_train.models.mlp import SwiGLU
+from sdmoe_train.models.rope import rotary_tables
+from sdmoe_train.moe.layer import MoELayer, MoELayerStats
+
+
+@dataclass
+class MoEAux:
+    """Balancing losses and routing statistics of all MoE layers for one forward pass."""
+
+    loss: Tensor
+    """Sum of the coefficient-weighted balancing losses of all layers; add it to the LM loss."""
+    layer_indices: tuple[int, ...]
+    """Block index of each MoE layer, aligning the L axis of the tensors below."""
+    load_balance_loss_L: Tensor
+    """Micro-batch balance loss per layer (detached)."""
+    sequence_balance_loss_L: Tensor
+    """Sequence-level balance loss per layer (detached)."""
+    z_loss_L: Tensor
+    """Router z-loss per layer (detached)."""
+    tokens_per_expert_LE: Tensor
+    """Token copies selected for each expert (int64), the input of the bias update."""
+    dropped_fraction_L: Tensor
+    """Share of token copies dropped at capacity per layer."""
+
+    @classmethod
+    def from_layers(cls, layer_indices: list[int], stats: list[MoELayerStats]) -> MoEAux:
+        return cls(
+            loss=torch.stack([s.weighted_loss for s in stats]).sum(),
+            layer_indices=tuple(layer_indices),
+            load_balance_loss_L=torch.stack([s.load_balance_loss for s in stats]),
+            sequence_balance_loss_L=torch.stack([s.sequence_balance_loss for s in stats]),
+            z_loss_L=torch.stack([s.z_loss for s in stats]),
+            tokens_per_expert_LE=torch.stack([s.tokens_per_expert_E for s in stats]),
+            dropped_fraction_L=torch.stack([s.dropped_fraction for s in stats]),
+        )
+
+
+@dataclass
+class TransformerOutput:
+    logits: Tensor
+    """(B, S, V) next-token logits."""
+    moe: MoEAux | None
+    """MoE losses and statistics; None for a dense model."""
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block."""
+
+    def __init__(self, config: TransformerConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.hidden_dim, eps=config.norm_eps)
+        self.attn = build_attention(config)
+        self.ffn_norm = nn.RMSNorm(config.hidden_dim, eps=config.norm_eps)
+        self.ffn: MoELayer | SwiGLU
+        if config.is_moe_layer(layer_index):
+            self.ffn = MoELayer(config.hidden_dim, config.moe)
+        else:
+            self.ffn = SwiGLU(config.hidden_dim, config.dense_hidden_dim)
+
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoELayerStats | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        if isinstance(self.ffn, MoELayer):
+            ffn_out, stats = self.ffn(self.ffn_norm(x_BSD))
+            return x_BSD + ffn_out, stats
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model configured entirely by a :class:`TransformerConfig`."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_dim)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.final_norm = nn.RMSNorm(config.hidden_dim, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def forward(self, tokens_BS: Tensor) -> TransformerOutput:
+        """Next-token logits for a batch of token ids.
+
+        Args:
+            tokens_BS: int64 token ids, S <= config.max_seq_len.
+
+        Returns:
+            Logits (B, S, V) and, for MoE models, the per-layer routing record.
+        """
+        seq_len = tokens_BS.shape[1]
+        assert seq_len <= self.config.max_seq_len, f"sequence of {seq_len} > max_seq_len={self.config.max_seq_len}"
+        cos, sin = rotary_tables(
+            seq_len, self.blocks[0].attn.rotary_dim, self.config.attention.rope_theta, tokens_BS.device
+        )
+        x_BSD = self.embed(tokens_BS)
+        moe_indices, moe_stats = [], []
+        for index, block in enumerate(self.blocks):
+            x_BSD, stats = block(x_BSD, cos, sin)
+            if stats is not None:
+                moe_indices.append(index)
+                moe_stats.append(stats)
+        logits = self.lm_head(self.final_norm(x_BSD))
+        return TransformerOutput(logits, MoEAux.from_layers(moe_indices, moe_stats) if moe_stats else None)
+
+    def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:
+        """(block index, layer) for every MoE feed-forward, in depth order."""
+        for index, block in enumerate(self.blocks):
+            if isinstance(block.ffn, MoELayer):
+                yield index, block.ffn
+
+    @torch.no_grad()
+    def update_routing_biases(self, tokens_per_expert_LE: Tensor) -> None:
+        """Apply one aux-loss-free balancing step to every MoE layer.
+
+        Args:
+            tokens_per_expert_LE: selected copies per expert since the last optimizer step, summed over
+                micro-batches and data-parallel ranks (rows follow :meth:`moe_layers` order).
+        """
+        for (_, layer), counts_E in zip(self.moe_layers(), tokens_per_expert_LE, strict=True):
+            layer.router.update_bias(counts_E)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every parameter by the scheme in the module docstring."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(".bias"):
+                nn.init.zeros_(param)
+            elif param.dim() == 1:
+                nn.init.ones_(param)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                nn.init.normal_(param, std=residual_std)
+            else:
+                nn.init.normal_(param, std=std)
+        for _, layer in self.moe_layers():
+            layer.router.selection_bias.zero_()
+
+
+def next_token_loss(logits_BSV: Tensor, tokens_BS: Tensor) -> Tensor:
+    """Mean cross-entropy of predicting token s+1 from positions <= s (fp32)."""
+    return F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(), tokens_BS[:, 1:].flatten())

@@ -1,0 +1,1 @@
+"""Mixture-of-Experts building blocks: routing, token dispatch, expert banks and balancing losses."""

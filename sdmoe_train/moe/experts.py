@@ -1,0 +1,134 @@
+"""Routed SwiGLU experts stored as stacked weight banks, plus a slow per-expert loop kept as reference.
+
+Each matrix type is one parameter of shape (E, out, in), so the whole bank runs as three grouped GEMMs
+over the expert-sorted token buffer produced by the dispatcher (``torch.nn.functional.grouped_mm``:
+no host sync, one kernel per matrix). Where grouped GEMM has no kernel (fp64, unaligned widths, CUDA
+other than bf16 on sm80+), the bank runs one GEMM per expert on contiguous slices instead.
+"""
+
+# Shape key: T tokens, D model width, E experts, K experts per token, F expert width, N token copies.
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _has_grouped_mm_kernel(x_ND: Tensor, weight_EOI: Tensor) -> bool:
+    """Whether ``F.grouped_mm`` has a kernel for these operands.
+
+    CPU: fp32/bf16/fp16 with every row 16-byte aligned (the kernel rejects other widths). CUDA:
+    bf16 on sm80+ only (torch documents no other dtype).
+    """
+    if x_ND.device.type == "cpu":
+        row_bytes = [dim * x_ND.element_size() for dim in (weight_EOI.shape[1], weight_EOI.shape[2])]
+        return x_ND.dtype in _GROUPED_MM_DTYPES and all(size % 16 == 0 for size in row_bytes)
+    if x_ND.device.type == "cuda":
+        return x_ND.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_ND.device) >= (8, 0)
+    return False
+
+
+def grouped_linear(x_ND: Tensor, weight_EOI: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+    """Apply expert e's matrix to its contiguous slice of rows, for all experts at once.
+
+    Args:
+        x_ND: rows grouped by expert, shape (N, in).
+        weight_EOI: stacked expert matrices, shape (E, out, in).
+        tokens_per_expert_E: rows per expert; sums to N.
+
+    Returns:
+        (N, out) outputs.
+    """
+    if _has_grouped_mm_kernel(x_ND, weight_EOI):
+        offsets_E = tokens_per_expert_E.cumsum(0, dtype=torch.int32)
+        out_NO = F.grouped_mm(x_ND, weight_EOI.transpose(-2, -1), offs=offsets_E)
+        if out_NO.requires_grad:
+            # The grouped_mm backward rejects zero-stride gradients such as those of ``out.sum()``.
+            out_NO.register_hook(torch.Tensor.contiguous)
+        return out_NO
+    slices = x_ND.split(tokens_per_expert_E.tolist())
+    return torch.cat([rows @ w.T for rows, w in zip(slices, weight_EOI.unbind(0), strict=True)])
+
+
+class ExpertBank(nn.Module):
+    """E routed SwiGLU experts as three stacked weight banks (E × out × in per matrix).
+
+    Subclasses that reparameterise the experts (SD-MoE) override :meth:`expert_weights` only.
+    """
+
+    def __init__(self, num_experts: int, hidden_dim: int, expert_hidden_dim: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, expert_hidden_dim, hidden_dim))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, expert_hidden_dim, hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, expert_hidden_dim))
+
+    def expert_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The (gate, up, down) banks actually applied to tokens."""
+        return self.gate_proj, self.up_proj, self.down_proj
+
+    def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor, weights_N: Tensor | None = None) -> Tensor:
+        """Run every expert on its slice of the expert-sorted rows.
+
+        Args:
+            x_ND: token copies grouped by expert.
+            tokens_per_expert_E: rows per expert.
+            weights_N: routing weight of each row, or None for unweighted outputs. Scaling the F-wide
+                hidden activation before ``down_proj`` equals scaling the D-wide output (linearity) and
+                touches F/D as much memory, which matters because the (N, D) passes are bandwidth-bound.
+
+        Returns:
+            (N, D) expert outputs, row-aligned with ``x_ND``.
+        """
+        gate_EFD, up_EFD, down_EDF = self.expert_weights()
+        # One GEMM over the concatenated gate/up bank: the (N, D) input gradient is then produced by a
+        # single GEMM instead of two plus an add, and the buffer is (N, D)-sized, bandwidth-bound work.
+        gate_up_NF2 = grouped_linear(x_ND, torch.cat((gate_EFD, up_EFD), dim=1), tokens_per_expert_E)
+        gate_NF, up_NF = gate_up_NF2.chunk(2, dim=-1)
+        hidden_NF = F.silu(gate_NF) * up_NF
+        if weights_N is not None:
+            hidden_NF = hidden_NF * weights_N.unsqueeze(-1).to(hidden_NF.dtype)
+        return grouped_linear(hidden_NF, down_EDF, tokens_per_expert_E)
+
+    def run_expert(self, expert: int, x_RD: Tensor) -> Tensor:
+        """Apply one expert to R rows with plain matmuls (used by the reference loop)."""
+        gate_EFD, up_EFD, down_EDF = self.expert_weights()
+        hidden_RF = F.silu(x_RD @ gate_EFD[expert].T) * (x_RD @ up_EFD[expert].T)
+        return hidden_RF @ down_EDF[expert].T
+
+
+def reference_moe_forward(
+    x_TD: Tensor,
+    expert_ids_TK: Tensor,
+    weights_TK: Tensor,
+    experts: ExpertBank,
+    capacity: int | None = None,
+) -> Tensor:
+    """Slow, obviously-correct routed-expert forward: one masked gather per expert.
+
+    Kept as the ground truth for tests and as the "naive" baseline of ``benchmarks/moe_layer.py``.
+
+    Args:
+        x_TD: token hidden states.
+        expert_ids_TK: selected experts.
+        weights_TK: output weight of each selected expert.
+        experts: the expert bank.
+        capacity: keep only each expert's first ``capacity`` copies in token order (None: keep all).
+
+    Returns:
+        (T, D) weighted sum of the selected experts' outputs.
+    """
+    y_TD = torch.zeros_like(x_TD)
+    for expert in range(experts.num_experts):
+        token_index, slot = torch.nonzero(expert_ids_TK == expert, as_tuple=True)
+        if capacity is not None:
+            token_index, slot = token_index[:capacity], slot[:capacity]
+        if token_index.numel() == 0:
+            continue
+        out_RD = experts.run_expert(expert, x_TD[token_index])
+        weight_R1 = weights_TK[token_index, slot].unsqueeze(-1).to(x_TD.dtype)
+        y_TD = y_TD.index_add(0, token_index, out_RD * weight_R1)
+    return y_TD
