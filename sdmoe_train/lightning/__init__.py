@@ -1,0 +1,1 @@
+"""Lightning integration: the pretraining LightningModule, optimizer setup and callbacks."""

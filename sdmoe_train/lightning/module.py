@@ -1,0 +1,156 @@
+"""PretrainModule: next-token pretraining of a :class:`Transformer` with Lightning.
+
+Owns loss assembly, logging, the optimizer and the per-step MoE hooks. Hook order inside one
+optimizer step (Lightning 2.6, any ``accumulate_grad_batches``):
+
+1. ``training_step`` + backward for every micro-batch; routing counts accumulate in ``_load_since_step_LE``;
+2. ``on_before_optimizer_step``: gradients are complete (accumulated and, under DDP, all-reduced), not
+   yet clipped: log the gradient norm and learning rate;
+3. ``optimizer_step``: the AdamW step, then the aux-loss-free bias update from the routing counts
+   summed over micro-batches *and* ranks, so every rank applies the same bias change.
+"""
+
+# Shape key: B sequences, S tokens, V vocabulary, L MoE layers, E experts.
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from sdmoe_train.errors import ConfigError
+from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
+from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
+from sdmoe_train.models.transformer import MoEAux, Transformer
+
+# Checkpoints store the typed configs as hyper-parameters; allow them through torch.load(weights_only=True).
+torch.serialization.add_safe_globals([TransformerConfig, AttentionConfig, MLAConfig, MoEConfig, OptimConfig])
+
+
+def language_model_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
+    """Mean token cross-entropy, computed in fp32 for stability under mixed precision."""
+    return F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
+
+
+class PretrainModule(L.LightningModule):
+    """Next-token pretraining of an MoE (or dense) transformer.
+
+    Args:
+        arch: the model architecture (see ``recipes/models/`` for presets).
+        optim: AdamW and learning-rate schedule settings.
+    """
+
+    def __init__(self, arch: TransformerConfig, optim: OptimConfig | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.arch = arch
+        self.optim = optim or OptimConfig()
+        self.model = Transformer(arch)
+        self.val_loss = MeanMetric()
+        self.val_perplexity = Perplexity()
+        self.tokens_seen = 0
+        self._load_since_step_LE: Tensor | None = None
+        self._tokens_since_step = 0
+        self._last_step_time = time.perf_counter()
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_vocab = getattr(datamodule, "vocab_size", None)
+        if data_vocab is not None and data_vocab > self.arch.vocab_size:
+            raise ConfigError(
+                f"model.arch.vocab_size={self.arch.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({data_vocab}); set model.arch.vocab_size >= {data_vocab}"
+            )
+
+    def forward(self, tokens_BS: Tensor) -> Tensor:
+        return self.model(tokens_BS).logits
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        inputs_BS, targets_BS = batch[:, :-1], batch[:, 1:]
+        out = self.model(inputs_BS)
+        lm_loss = language_model_loss(out.logits, targets_BS)
+        loss = lm_loss
+        if out.moe is not None:
+            loss = loss + out.moe.loss
+            self._record_routing(out.moe)
+        self._tokens_since_step += targets_BS.numel()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lm_loss", lm_loss)
+        return loss
+
+    def _record_routing(self, moe: MoEAux) -> None:
+        load_LE = moe.tokens_per_expert_LE.detach()
+        self._load_since_step_LE = load_LE if self._load_since_step_LE is None else self._load_since_step_LE + load_LE
+        self.log("train/moe_aux_loss", moe.loss)
+        per_layer = {
+            "load_balance_loss": moe.load_balance_loss_L,
+            "seq_balance_loss": moe.sequence_balance_loss_L,
+            "z_loss": moe.z_loss_L,
+        }
+        if self.arch.moe is not None and self.arch.moe.capacity_factor is not None:
+            per_layer["dropped_fraction"] = moe.dropped_fraction_L
+        metrics = {
+            f"moe/{name}/layer_{layer:02d}": values_L[i]
+            for name, values_L in per_layer.items()
+            for i, layer in enumerate(moe.layer_indices)
+        }
+        self.log_dict(metrics)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self._load_since_step_LE is not None:
+            global_load_LE = self.trainer.strategy.reduce(self._load_since_step_LE, reduce_op="sum")
+            self.model.update_routing_biases(global_load_LE)
+            self._load_since_step_LE = None
+        self._log_throughput()
+
+    def _log_throughput(self) -> None:
+        tokens = self._tokens_since_step * self.trainer.world_size
+        self._tokens_since_step = 0
+        self.tokens_seen += tokens
+        now = time.perf_counter()
+        self.log("train/tokens_seen", float(self.tokens_seen))
+        self.log("train/tokens_per_sec", tokens / max(now - self._last_step_time, 1e-9), prog_bar=True)
+        self._last_step_time = now
+
+    def on_fit_start(self) -> None:
+        # A `trainer.validate` before `fit` leaves the metric states as inference-mode tensors, which
+        # validation inside fit (run under no_grad on some backends) may not update in place.
+        self.val_loss.reset()
+        self.val_perplexity.reset()
+
+    def on_train_start(self) -> None:
+        self._last_step_time = time.perf_counter()
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        inputs_BS, targets_BS = batch[:, :-1], batch[:, 1:]
+        logits_BSV = self.model(inputs_BS).logits.float()
+        self.val_loss.update(language_model_loss(logits_BSV, targets_BS), weight=targets_BS.numel())
+        self.val_perplexity.update(logits_BSV, targets_BS)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/perplexity", self.val_perplexity)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # A tied output head is the embedding tensor itself, so it follows the embedding's policy.
+        optimizer, scheduler = build_optimizer(
+            self.model, self.optim, {self.model.embed.weight}, int(self.trainer.estimated_stepping_batches)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sdmoe_train"] = {"tokens_seen": self.tokens_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = checkpoint.get("sdmoe_train", {}).get("tokens_seen", 0)

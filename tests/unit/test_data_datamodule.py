@@ -1,0 +1,123 @@
+"""PretrainDataModule position bookkeeping without a Trainer: counting, rank changes, state round trips."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+
+from sdmoe_train.data.datamodule import PretrainDataModule
+from sdmoe_train.errors import ConfigError
+from tests.corpora import make_config, make_documents, make_tokenizer, write_documents
+
+BATCH = 4
+
+
+def _fake_trainer(rank: int, world_size: int, training: bool = True, example: object = None) -> SimpleNamespace:
+    return SimpleNamespace(
+        global_rank=rank,
+        world_size=world_size,
+        training=training,
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        lightning_module=SimpleNamespace(example_input_array=example),
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path):
+    documents = make_documents(count=16)
+    pattern = write_documents(tmp_path / "corpus", documents)
+    tokenizer_path, _ = make_tokenizer(tmp_path, documents)
+    return make_config(tmp_path, pattern, tokenizer_path)
+
+
+def _data_module(config, rank: int, world_size: int, state: dict | None = None) -> PretrainDataModule:
+    data = PretrainDataModule(config, batch_size=BATCH)
+    data.trainer = _fake_trainer(rank, world_size)
+    data.prepare_data()
+    data.setup("fit")
+    if state is not None:
+        data.load_state_dict(state)
+    return data
+
+
+def _consume(data: PretrainDataModule, batches: int) -> list[int]:
+    """Takes `batches` batches the way Lightning does; returns the example indices they held."""
+    indices = list(data.train_dataloader().sampler)[: batches * BATCH]
+    for _ in range(batches):
+        data.on_before_batch_transfer(torch.zeros(BATCH, 17, dtype=torch.long), 0)
+    return indices
+
+
+def test_only_training_batches_are_counted(config) -> None:
+    data = _data_module(config, 0, 1)
+    data.train_dataloader()
+    data.on_before_batch_transfer(torch.zeros(BATCH, 17, dtype=torch.long), 0)
+    data.trainer = _fake_trainer(0, 1, training=False)
+    data.on_before_batch_transfer(torch.zeros(BATCH, 17, dtype=torch.long), 0)
+    example = torch.zeros(BATCH, 17, dtype=torch.long)
+    data.trainer = _fake_trainer(0, 1, example=example)
+    data.on_before_batch_transfer(example, 0)
+    assert data.state_dict() == {"epoch": 0, "consumed": BATCH, "num_replicas": 1}
+
+
+def test_state_round_trip_before_and_after_the_sampler_exists(config) -> None:
+    first = _data_module(config, 0, 1)
+    consumed = _consume(first, 3)
+    state = first.state_dict()
+    second = _data_module(config, 0, 1, state)
+    assert second.state_dict() == state
+    remaining = list(second.train_dataloader().sampler)
+    assert remaining == list(first.train_dataloader().sampler)
+    assert set(remaining).isdisjoint(consumed)
+
+
+@pytest.mark.parametrize(("new_world_size", "repeated"), [(4, 0), (1, 0), (5, 4)])
+def test_resuming_on_another_number_of_ranks_continues_the_global_position(
+    config, new_world_size: int, repeated: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    old_ranks = [_data_module(config, rank, 2) for rank in range(2)]
+    consumed = [index for data in old_ranks for index in _consume(data, 3)]
+    state = old_ranks[0].state_dict()
+    assert state == {"epoch": 0, "consumed": 3 * BATCH, "num_replicas": 2}
+
+    with caplog.at_level(logging.WARNING, logger="sdmoe_train.data.datamodule"):
+        new_ranks = [_data_module(config, rank, new_world_size, state) for rank in range(new_world_size)]
+        resumed = [index for data in new_ranks for index in data.train_dataloader().sampler]
+    assert len(set(resumed)) == len(resumed)
+    assert len(set(resumed) & set(consumed)) == repeated
+    if repeated:
+        assert f"{repeated} of them are seen again" in caplog.text
+    # Nothing of the epoch is skipped beyond the tail that the new ranks' even split drops.
+    num_examples = len(old_ranks[0].train_dataloader().dataset)
+    assert len(set(resumed) | set(consumed)) == num_examples // new_world_size * new_world_size
+
+
+def test_streaming_position_must_resume_on_the_same_number_of_ranks(config) -> None:
+    data = _data_module(replace(config, streaming=True, streaming_val_docs=0, shuffle_buffer=0), 0, 1)
+    with pytest.raises(ConfigError, match="positions of 2 ranks but this run has 1"):
+        data.load_state_dict({"streams": [{"epoch": 0, "stream": None, "carry": []}] * 2})
+
+
+def test_invalid_loader_settings_are_rejected(config) -> None:
+    with pytest.raises(ConfigError, match="batch_size=0 must be >= 1"):
+        PretrainDataModule(config, batch_size=0)
+    with pytest.raises(ConfigError, match="num_workers=-1 must be >= 0"):
+        PretrainDataModule(config, num_workers=-1)
+
+
+def test_data_module_is_built_from_yaml_by_jsonargparse() -> None:
+    # LightningCLI builds the data module through jsonargparse from the typed __init__ signature.
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(PretrainDataModule, "data")
+    settings = parser.parse_string(
+        "data:\n  corpus:\n    data_files: [corpus/*.jsonl]\n    seq_len: 64\n  batch_size: 2\n"
+    )
+    data = parser.instantiate(settings).data
+    assert isinstance(data, PretrainDataModule) and data.batch_size == 2
+    assert data.corpus.seq_len == 64 and data.corpus.file_format == "json"
