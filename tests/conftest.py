@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from sdmoe_train.models import presets
 from sdmoe_train.models.config import TransformerConfig
+from tests.corpora import make_documents, make_tokenizer, write_documents
 
 
 @pytest.fixture(autouse=True)
@@ -23,3 +27,12 @@ def tiny_config(request: pytest.FixtureRequest) -> TransformerConfig:
     config.vocab_size = 256
     config.max_seq_len = 64
     return config
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> tuple[list[str], str, Path, Tokenizer]:
+    """Twelve documents as .txt files and a tokenizer trained on them: (documents, pattern, path, tokenizer)."""
+    documents = make_documents()
+    pattern = write_documents(tmp_path / "corpus", documents)
+    tokenizer_path, tokenizer = make_tokenizer(tmp_path, documents)
+    return documents, pattern, tokenizer_path, tokenizer

@@ -85,8 +85,12 @@ def _write_recipe(tmp_path: Path, max_steps: int) -> Path:
             },
             "callbacks": [
                 {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(run_dir / "checkpoints"), "every_n_train_steps": 3, "save_last": True},
+                    "class_path": "sdmoe_train.lightning.callbacks.PeriodicCheckpoint",
+                    "init_args": {
+                        "dirpath": str(run_dir / "checkpoints"),
+                        "every_n_train_steps": 3,
+                        "save_last": True,
+                    },
                 }
             ],
         },
@@ -104,7 +108,7 @@ def _logged_steps(run_dir: Path) -> list[int]:
 def test_prepare_fit_and_resume_from_last_continue_the_step_count(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    recipe = _write_recipe(tmp_path, max_steps=6)
+    recipe = _write_recipe(tmp_path, max_steps=7)
     main(["prepare", "--config", str(recipe)])
     prepared = capsys.readouterr().out
     assert "tokenizer" in prepared and "token cache" in prepared
@@ -115,14 +119,16 @@ def test_prepare_fit_and_resume_from_last_continue_the_step_count(
     assert "validation loss:" in fitted and "before training" in fitted
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert last.is_file()
-    assert torch.load(last, weights_only=False)["global_step"] == 6
+    # Checkpoints every 3 steps, and `last.ckpt` also at the end of training (step 7).
+    assert torch.load(last, weights_only=False)["global_step"] == 7
+    assert (tmp_path / "run" / "checkpoints" / "epoch=0-step=6.ckpt").is_file()
 
-    main(["fit", "--config", str(recipe), "--ckpt_path", "last", "--trainer.max_steps", "9"])
+    main(["fit", "--config", str(recipe), "--ckpt_path", "last", "--trainer.max_steps", "10"])
     resumed = torch.load(last, weights_only=False)
-    assert resumed["global_step"] == 9
-    assert resumed["sdmoe_train"]["tokens_seen"] == 9 * 2 * 32
+    assert resumed["global_step"] == 10
+    assert resumed["sdmoe_train"]["tokens_seen"] == 10 * 2 * 32
     steps = _logged_steps(tmp_path / "run")
-    assert max(steps) >= 8 and steps == sorted(steps)
+    assert max(steps) >= 9 and steps == sorted(steps)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from sdmoe_train.data import cache
 from sdmoe_train.data.cache import build_token_cache, load_token_cache, split_documents, token_cache_path
 from sdmoe_train.errors import ConfigError
-from tests.corpora import make_config, make_documents, make_tokenizer, write_documents
+from tests.corpora import make_config, make_tokenizer, write_documents
 
 
 def _decode_documents(tokenizer: Tokenizer, tokens: np.ndarray, eos_id: int) -> list[str]:
@@ -22,14 +22,6 @@ def _decode_documents(tokenizer: Tokenizer, tokens: np.ndarray, eos_id: int) -> 
     ends = np.flatnonzero(tokens == eos_id)
     starts = np.concatenate([[0], ends[:-1] + 1])
     return [tokenizer.decode(tokens[start:end].tolist()) for start, end in zip(starts, ends, strict=True)]
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> tuple[list[str], str, Path, Tokenizer]:
-    documents = make_documents()
-    pattern = write_documents(tmp_path / "corpus", documents)
-    tokenizer_path, tokenizer = make_tokenizer(tmp_path, documents)
-    return documents, pattern, tokenizer_path, tokenizer
 
 
 def test_every_document_is_followed_by_eos_and_splits_partition_documents(tmp_path: Path, corpus) -> None:

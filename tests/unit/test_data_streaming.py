@@ -17,15 +17,7 @@ from sdmoe_train.data.config import DataConfig
 from sdmoe_train.data.packing import PackedBlocks
 from sdmoe_train.data.streaming import StreamingPackedBlocks, held_out_documents
 from sdmoe_train.errors import ConfigError
-from tests.corpora import make_config, make_documents, make_tokenizer, write_documents
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> tuple[list[str], str, Path, Tokenizer]:
-    documents = make_documents()
-    pattern = write_documents(tmp_path / "corpus", documents)
-    tokenizer_path, tokenizer = make_tokenizer(tmp_path, documents)
-    return documents, pattern, tokenizer_path, tokenizer
+from tests.corpora import make_config
 
 
 def _streaming(tmp_path: Path, corpus, **overrides: object) -> DataConfig:
