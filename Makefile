@@ -32,7 +32,9 @@ $(INSTALLED): pyproject.toml
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Slow tests: multi-process runs and Hugging Face parity (needs the `hf` extra, installed here).
 test-slow: install
+	$(PY) -m pip install --disable-pip-version-check -e ".[dev,hf]"
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 lint: install

@@ -5,9 +5,14 @@ optimizer step (Lightning 2.6, any ``accumulate_grad_batches``):
 
 1. ``training_step`` + backward for every micro-batch; routing counts accumulate in ``_load_since_step_LE``;
 2. ``on_before_optimizer_step``: gradients are complete (accumulated and, under DDP, all-reduced), not
-   yet clipped: log the gradient norm and learning rate;
+   yet clipped: split the SD-MoE expert gradients into common and unique parts, then log the gradient
+   norm and learning rate;
 3. ``optimizer_step``: the AdamW step, then the aux-loss-free bias update from the routing counts
-   summed over micro-batches *and* ranks, so every rank applies the same bias change.
+   summed over micro-batches *and* ranks, so every rank applies the same bias change, then the SD-MoE
+   step end (strict update projection, step count, basis refresh every ``refresh_every`` steps).
+
+SD-MoE (arXiv 2602.12556) is applied in ``__init__``, before any optimizer exists; with
+``sdmoe.enabled: false`` (or no ``sdmoe``) the model is the vanilla one and none of its hooks do work.
 """
 
 # Shape key: B sequences, S tokens, V vocabulary, L MoE layers, E experts.
@@ -28,9 +33,19 @@ from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
 from sdmoe_train.models.transformer import MoEAux, Transformer
+from sdmoe_train.moe.sdmoe import (
+    SDMoEConfig,
+    apply_spectral_decoupling,
+    finish_optimizer_step,
+    project_gradients,
+    refresh_count,
+    strict_update_reference,
+)
 
 # Checkpoints store the typed configs as hyper-parameters; allow them through torch.load(weights_only=True).
-torch.serialization.add_safe_globals([TransformerConfig, AttentionConfig, MLAConfig, MoEConfig, OptimConfig])
+torch.serialization.add_safe_globals(
+    [TransformerConfig, AttentionConfig, MLAConfig, MoEConfig, OptimConfig, SDMoEConfig]
+)
 
 
 def language_model_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
@@ -44,14 +59,20 @@ class PretrainModule(L.LightningModule):
     Args:
         arch: the model architecture (see ``recipes/models/`` for presets).
         optim: AdamW and learning-rate schedule settings.
+        sdmoe: SD-MoE spectral decoupling of the routed experts; None or ``enabled: false`` trains the
+            vanilla MoE.
     """
 
-    def __init__(self, arch: TransformerConfig, optim: OptimConfig | None = None) -> None:
+    def __init__(
+        self, arch: TransformerConfig, optim: OptimConfig | None = None, sdmoe: SDMoEConfig | None = None
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.arch = arch
         self.optim = optim or OptimConfig()
+        self.sdmoe = sdmoe or SDMoEConfig()
         self.model = Transformer(arch)
+        apply_spectral_decoupling(self.model, self.sdmoe)
         self.val_loss = MeanMetric()
         self.val_perplexity = Perplexity()
         self.tokens_seen = 0
@@ -103,17 +124,28 @@ class PretrainModule(L.LightningModule):
         self.log_dict(metrics)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning 2.6.6 (`Precision._after_closure`) calls this after the closure has run the last
+        # micro-batch's backward, i.e. after accumulation and after DDP's all-reduce, and right before
+        # `_clip_gradients` and the parameter update: where spec §4 puts the gradient split. Callbacks'
+        # `on_before_optimizer_step` run just before this hook and still see the unprojected gradients.
+        if self.sdmoe.enabled:
+            project_gradients(self.model)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # W_u is not touched between here and the step (the closure only runs forward/backward).
+        update_reference = strict_update_reference(self.model) if self.sdmoe.enabled else None
         super().optimizer_step(*args, **kwargs)
         if self._load_since_step_LE is not None:
             global_load_LE = self.trainer.strategy.reduce(self._load_since_step_LE, reduce_op="sum")
             self.model.update_routing_biases(global_load_LE)
             self._load_since_step_LE = None
+        if self.sdmoe.enabled:
+            finish_optimizer_step(self.model, update_reference)
+            self.log("sdmoe/refresh_count", float(refresh_count(self.model)))
         self._log_throughput()
 
     def _log_throughput(self) -> None:

@@ -31,6 +31,9 @@ class GroupedQueryAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_dim, self.num_kv_heads * self.head_dim, bias=attn.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_dim, self.num_kv_heads * self.head_dim, bias=attn.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_dim, bias=False)
+        # Qwen3 (arXiv 2505.09388) normalises every query and key head before RoPE for training stability.
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if attn.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if attn.qk_norm else None
 
     @property
     def rotary_dim(self) -> int:
@@ -38,8 +41,11 @@ class GroupedQueryAttention(nn.Module):
 
     def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         batch, seq_len, _ = x_BSD.shape
-        q_BHSd = self.q_proj(x_BSD).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k_BGSd = self.k_proj(x_BSD).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BSHd = self.q_proj(x_BSD).view(batch, seq_len, self.num_heads, self.head_dim)
+        k_BSGd = self.k_proj(x_BSD).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BSHd, k_BSGd = self.q_norm(q_BSHd), self.k_norm(k_BSGd)
+        q_BHSd, k_BGSd = q_BSHd.transpose(1, 2), k_BSGd.transpose(1, 2)
         v_BGSd = self.v_proj(x_BSD).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_BHSd, k_BGSd = apply_rotary(q_BHSd, cos, sin), apply_rotary(k_BGSd, cos, sin)
         out_BHSd = F.scaled_dot_product_attention(

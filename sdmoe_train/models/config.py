@@ -67,11 +67,17 @@ class AttentionConfig:
     """Bias on the query/key/value projections (Qwen uses it)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    qk_norm: bool = False
+    """RMSNorm each query and key head (own weights per projection) before RoPE, as Qwen3; GQA only."""
     mla: MLAConfig | None = None
     """Multi-head Latent Attention settings; None selects GQA."""
 
     def __post_init__(self) -> None:
         _require_positive("attention", num_heads=self.num_heads, rope_theta=self.rope_theta)
+        if self.qk_norm and self.mla is not None:
+            raise ConfigError(
+                "attention.qk_norm=true is implemented for GQA only; set attention.mla: null or qk_norm: false"
+            )
         if self.mla is None:
             _require_positive("attention", num_kv_heads=self.num_kv_heads)
             if self.num_heads % self.num_kv_heads:

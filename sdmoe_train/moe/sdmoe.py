@@ -61,7 +61,7 @@ class SDMoEConfig:
     strict: bool = False
     """Also project the optimizer's update of W_u onto the complement (AdamW can leave it otherwise)."""
     svd: Literal["full", "lowrank"] = "full"
-    """Basis refresh by full torch.linalg.svd or a seeded randomised SVD (cheaper when min(out, in) is large)."""
+    """Basis refresh by full torch.linalg.svd, or a seeded randomised SVD (30x cheaper at 512x512 on CPU)."""
     seed: int = 0
     """Seed of the spectral initialisation and of the randomised-SVD sketches."""
 
@@ -101,12 +101,16 @@ class DecoupledExpertBank(ExpertBank):
     happens, and the randomised-SVD sketch is seeded from (seed, layer, type, refresh index), so it needs no
     saved generator state.
 
-    Proxy construction (measured, ``benchmarks/sdmoe_overhead.py`` mid-size config: D = F = 512, E = 16,
-    top-2, 1024 tokens): broadcasting ``W_c + W_u`` inside :meth:`expert_weights` costs E·M·N element-wise
-    work per matrix plus an E-way sum in backward. The alternative, ``x @ W_cᵀ`` once over all N = 2048
-    routed rows plus the grouped GEMM on W_u alone, adds 2·N·M·N FLOPs per matrix (3× that with backward)
-    instead, which is N/E = 128× more arithmetic; fwd+bwd of one layer's experts: 59.4 ms vanilla, 62.0 ms
-    broadcast, 84.6 ms shared-GEMM. The broadcast proxy wins whenever routed rows outnumber experts.
+    Proxy construction, chosen by measurement (``benchmarks/sdmoe_overhead.py``, mid-size config: E = 16,
+    D = F = 512, 2048 routed rows, 2 CPU threads; fwd+bwd of one bank, medians of 4 runs): plain bank
+    64–83 ms, broadcast ``W_c + W_u`` proxies 68–88 ms (+6–7 %), ``x @ W_cᵀ`` once over all routed rows
+    plus a grouped GEMM on W_u 117–143 ms (+73–83 %).
+    The proxy costs E·M·N element-wise work per matrix (and an E-way sum for W_c's gradient); the shared
+    GEMM costs 2·rows·M·N FLOPs per matrix forward and twice that backward, so it loses whenever routed
+    rows outnumber experts. On CPU most of the proxies' cost is first-touch page faults of the freshly
+    allocated (E, M, N) tensors: writing into persistent buffers instead saved ~4 % of a training step,
+    but keeps a second copy of every routed expert alive (fp32; tens of GB at the paper's 7B scale) and
+    buys nothing under CUDA's caching allocator, so the proxies stay ordinary temporaries.
     """
 
     def __init__(self, base: ExpertBank, config: SDMoEConfig, init_stds: dict[MatrixType, float], layer_index: int):
@@ -291,9 +295,7 @@ def strict_update_reference(model: nn.Module) -> dict[tuple[int, str], UpdateRef
     if not banks:
         return None
     return {
-        (id(bank), matrix): update_reference(*bank.parts(matrix)[1:])
-        for bank in banks
-        for matrix in bank.decomposed
+        (id(bank), matrix): update_reference(*bank.parts(matrix)[1:]) for bank in banks for matrix in bank.decomposed
     }
 
 

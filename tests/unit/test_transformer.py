@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sdmoe_train.errors import ConfigError
 from sdmoe_train.models.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
 from sdmoe_train.models.mlp import SwiGLU
@@ -192,6 +193,37 @@ def test_grouped_query_attention_equals_repeat_interleaved_kv_reference(num_kv_h
     expected = attn.o_proj(out.transpose(1, 2).reshape(batch, seq_len, num_heads * head_dim))
 
     torch.testing.assert_close(attn(x, cos, sin), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_qk_norm_rms_normalises_each_query_and_key_head_before_rope() -> None:
+    num_heads, num_kv_heads, head_dim, batch, seq_len = 4, 2, 8, 2, 7
+    config = TransformerConfig(
+        hidden_dim=32, norm_eps=1e-5, attention=AttentionConfig(num_heads=4, num_kv_heads=2, qk_norm=True), moe=None
+    )
+    attn = GroupedQueryAttention(config)
+    with torch.no_grad():
+        attn.q_norm.weight.normal_()
+        attn.k_norm.weight.normal_()
+    x = torch.randn(batch, seq_len, 32)
+    cos, sin = rotary_tables(seq_len, head_dim, 10000.0, x.device)
+
+    def head_rms_norm(y: Tensor, weight: Tensor) -> Tensor:
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+
+    q = head_rms_norm(attn.q_proj(x).view(batch, seq_len, num_heads, head_dim), attn.q_norm.weight)
+    k = head_rms_norm(attn.k_proj(x).view(batch, seq_len, num_kv_heads, head_dim), attn.k_norm.weight)
+    q, k = apply_rotary(q.transpose(1, 2), cos, sin), apply_rotary(k.transpose(1, 2), cos, sin)
+    v = attn.v_proj(x).view(batch, seq_len, num_kv_heads, head_dim).transpose(1, 2)
+    out = _causal_softmax_attention(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), head_dim**-0.5)
+    expected = attn.o_proj(out.transpose(1, 2).reshape(batch, seq_len, num_heads * head_dim))
+
+    torch.testing.assert_close(attn(x, cos, sin), expected, rtol=1e-5, atol=1e-5)
+    assert GroupedQueryAttention(TransformerConfig(hidden_dim=32, moe=None)).q_norm is None
+
+
+def test_qk_norm_with_mla_is_refused() -> None:
+    with pytest.raises(ConfigError, match="attention.qk_norm=true is implemented for GQA only"):
+        AttentionConfig(qk_norm=True, mla=MLAConfig())
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 24])

@@ -1,0 +1,321 @@
+"""Training-step time and peak memory of SD-MoE (arXiv 2602.12556) vs the vanilla MoE, on CPU.
+
+One step is what ``PretrainModule`` runs per optimizer step: forward, backward, the SD-MoE gradient split,
+gradient clipping, AdamW, then the SD-MoE step end. The two variants are timed alternately, one step each,
+in one process, so machine noise hits both alike; medians are reported. The basis refresh that the step
+end runs every ``refresh_every`` steps is timed separately (``refresh_bases``, full and low-rank SVD) and
+amortised: SD-MoE time = median step + refresh / refresh_every. Peak memory is the growth of the peak
+resident set (``VmHWM``, Linux) over the process's size after imports, for each variant in a fresh
+subprocess (the peak never goes down, so variants cannot share a process). Last, one expert bank of the
+headline config is timed (fwd+bwd) as a plain bank, with SD-MoE proxies ``W_c + W_u``, and with the
+alternative that applies W_c once to all routed rows (``x @ W_cᵀ``) next to a grouped GEMM on W_u.
+
+    python benchmarks/sdmoe_overhead.py --out benchmarks/results/sdmoe_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
+from sdmoe_train.models.config import AttentionConfig, MoEConfig, TransformerConfig
+from sdmoe_train.models.presets import tiny_qwen_moe
+from sdmoe_train.models.transformer import Transformer
+from sdmoe_train.moe.experts import ExpertBank, grouped_linear
+from sdmoe_train.moe.sdmoe import (
+    DecoupledExpertBank,
+    SDMoEConfig,
+    apply_spectral_decoupling,
+    decoupled_banks,
+    finish_optimizer_step,
+    project_gradients,
+    refresh_bases,
+    strict_update_reference,
+)
+
+
+def mid_size() -> TransformerConfig:
+    """Hidden 512, 16 experts of width 512, top-2, one gated shared expert, 4 layers."""
+    return TransformerConfig(
+        vocab_size=4096,
+        hidden_dim=512,
+        n_layers=4,
+        max_seq_len=256,
+        attention=AttentionConfig(num_heads=8, num_kv_heads=4, qkv_bias=True),
+        moe=MoEConfig(
+            num_experts=16,
+            top_k=2,
+            expert_hidden_dim=512,
+            num_shared_experts=1,
+            shared_expert_gate=True,
+            aux_loss_coef=0.01,
+            z_loss_coef=0.001,
+        ),
+    )
+
+
+CONFIGS: dict[str, tuple[Callable[[], TransformerConfig], int]] = {
+    "tiny": (tiny_qwen_moe, 8),  # recipes/tiny_qwen_cpu.yaml: batch 8 x 256 tokens
+    "mid": (mid_size, 4),
+}
+SEQ_LEN = 256
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    parser.add_argument("--memory-steps", type=int, default=3, help="steps run by each memory subprocess")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--refresh-every", type=int, default=16)
+    parser.add_argument(
+        "--svd", choices=["full", "lowrank"], default="lowrank", help="refresh method of the headline ratio"
+    )
+    parser.add_argument("--strict", action="store_true")
+    parser.add_argument(
+        "--accumulate", type=int, default=1, help="micro-batches per optimizer step (the split runs once per step)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--memory-child", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+class Trainee:
+    """One model + optimizer + fixed batch, stepped like ``PretrainModule`` does."""
+
+    def __init__(self, config: str, sdmoe: SDMoEConfig, accumulate: int = 1, seed: int = 0) -> None:
+        build_arch, batch_size = CONFIGS[config]
+        torch.manual_seed(seed)
+        self.model = Transformer(build_arch())
+        apply_spectral_decoupling(self.model, sdmoe)
+        self.sdmoe = sdmoe
+        self.accumulate = accumulate
+        self.optimizer, _ = build_optimizer(
+            self.model, OptimConfig(warmup_steps=0, schedule="constant"), {self.model.embed.weight}, 10**6
+        )
+        vocab = self.model.config.vocab_size
+        self.batch = torch.randint(0, vocab, (batch_size, SEQ_LEN + 1), generator=torch.Generator().manual_seed(0))
+
+    def step(self) -> None:
+        """One optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for _ in range(self.accumulate):
+            out = self.model(self.batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), self.batch[:, 1:].flatten())
+            ((loss + out.moe.loss) / self.accumulate).backward()
+        if self.sdmoe.enabled:
+            project_gradients(self.model)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        reference = strict_update_reference(self.model) if self.sdmoe.enabled else None
+        self.optimizer.step()
+        if self.sdmoe.enabled:
+            finish_optimizer_step(self.model, reference)
+
+
+def sdmoe_config(args: argparse.Namespace, enabled: bool) -> SDMoEConfig:
+    return SDMoEConfig(
+        enabled=enabled, rank=args.rank, refresh_every=args.refresh_every, strict=args.strict, svd=args.svd
+    )
+
+
+def _median_seconds(function: Callable[[], object], repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def time_round_robin(config: str, args: argparse.Namespace) -> dict:
+    # The timed SD-MoE model never reaches a refresh; the refresh (exactly what the step end calls every
+    # refresh_every steps) is timed on its own below and amortised, for both SVD methods.
+    never = dataclasses.replace(sdmoe_config(args, True), refresh_every=2**62)
+    trainees = {
+        "vanilla": Trainee(config, sdmoe_config(args, False), args.accumulate),
+        "sdmoe": Trainee(config, never, args.accumulate),
+    }
+    for _ in range(args.warmup):
+        for trainee in trainees.values():
+            trainee.step()
+    samples: dict[str, list[float]] = {name: [] for name in trainees}
+    for _ in range(args.steps):
+        for name, trainee in trainees.items():
+            start = time.perf_counter()
+            trainee.step()
+            samples[name].append(time.perf_counter() - start)
+    vanilla = statistics.median(samples["vanilla"])
+    ordinary = statistics.median(samples["sdmoe"])
+    model = trainees["sdmoe"].model
+    refresh = {}
+    for svd in ("full", "lowrank"):
+        for bank in decoupled_banks(model):
+            bank.config = dataclasses.replace(bank.config, svd=svd)
+        refresh[svd] = _median_seconds(lambda: refresh_bases(model), repeats=5)
+    amortised = {svd: ordinary + seconds / args.refresh_every for svd, seconds in refresh.items()}
+    return {
+        "vanilla_ms": round(vanilla * 1e3, 2),
+        "sdmoe_step_ms": round(ordinary * 1e3, 2),
+        "refresh_ms": {svd: round(seconds * 1e3, 2) for svd, seconds in refresh.items()},
+        "sdmoe_amortised_ms": {svd: round(seconds * 1e3, 2) for svd, seconds in amortised.items()},
+        "overhead_ratio": amortised[args.svd] / vanilla,
+        "overhead_ratio_by_svd": {svd: seconds / vanilla for svd, seconds in amortised.items()},
+        "parameters": {name: sum(p.numel() for p in t.model.parameters()) for name, t in trainees.items()},
+    }
+
+
+def _shared_gemm_forward(
+    bank: DecoupledExpertBank, x_ND: Tensor, tokens_per_expert_E: Tensor, weights_N: Tensor
+) -> Tensor:
+    """The rejected alternative to proxies: ``x @ W_cᵀ`` once over all routed rows + grouped GEMM on W_u."""
+    gate_common, gate_unique, _, _ = bank.parts("gate")
+    up_common, up_unique, _, _ = bank.parts("up")
+    down_common, down_unique, _, _ = bank.parts("down")
+    gate_up_NF2 = grouped_linear(x_ND, torch.cat((gate_unique, up_unique), dim=1), tokens_per_expert_E)
+    gate_up_NF2 = gate_up_NF2 + x_ND @ torch.cat((gate_common, up_common)).T
+    gate_NF, up_NF = gate_up_NF2.chunk(2, dim=-1)
+    hidden_NF = F.silu(gate_NF) * up_NF * weights_N.unsqueeze(-1)
+    return grouped_linear(hidden_NF, down_unique, tokens_per_expert_E) + hidden_NF @ down_common.T
+
+
+def time_proxy_alternatives(config: str, args: argparse.Namespace) -> dict:
+    """fwd+bwd of one expert bank: plain, SD-MoE proxies (``W_c + W_u``), SD-MoE with a shared W_c GEMM."""
+    arch = CONFIGS[config][0]()
+    batch_size = CONFIGS[config][1]
+    torch.manual_seed(0)
+    plain = ExpertBank(arch.moe.num_experts, arch.hidden_dim, arch.moe.expert_hidden_dim)
+    for bank_EMN in plain.parameters():
+        torch.nn.init.normal_(bank_EMN, std=arch.init_std)
+    stds = {"gate": arch.init_std, "up": arch.init_std, "down": arch.init_std}
+    decoupled = DecoupledExpertBank(plain, sdmoe_config(args, True), stds, layer_index=0)
+    rows = batch_size * SEQ_LEN * arch.moe.top_k
+    x_ND = torch.randn(rows, arch.hidden_dim, requires_grad=True)
+    tokens_per_expert_E = torch.full((arch.moe.num_experts,), rows // arch.moe.num_experts)
+    weights_N, grad_ND = torch.rand(rows), torch.randn(rows, arch.hidden_dim)
+    variants = {
+        "plain": lambda: plain(x_ND, tokens_per_expert_E, weights_N),
+        "proxy": lambda: decoupled(x_ND, tokens_per_expert_E, weights_N),
+        "shared_gemm": lambda: _shared_gemm_forward(decoupled, x_ND, tokens_per_expert_E, weights_N),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(args.steps + args.warmup):
+        for name, forward in variants.items():
+            start = time.perf_counter()
+            forward().backward(grad_ND)
+            if repeat >= args.warmup:
+                samples[name].append(time.perf_counter() - start)
+    return {f"{name}_ms": round(statistics.median(values) * 1e3, 2) for name, values in samples.items()}
+
+
+def _peak_rss_bytes() -> int:
+    # VmHWM belongs to the address space, which exec replaces; ru_maxrss would instead carry the parent's
+    # peak into a child that was forked from a large process. Linux only.
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return kib * 1024
+
+
+def memory_child(config: str, variant: str, args: argparse.Namespace) -> None:
+    """Run in a fresh process: print the peak-RSS growth of building and training one variant."""
+    baseline = _peak_rss_bytes()
+    trainee = Trainee(config, sdmoe_config(args, variant == "sdmoe"), args.accumulate)
+    for _ in range(args.memory_steps):
+        trainee.step()
+    print(json.dumps({"baseline_bytes": baseline, "peak_growth_bytes": _peak_rss_bytes() - baseline}))
+
+
+def measure_memory(config: str, args: argparse.Namespace) -> dict:
+    result = {}
+    for variant in ("vanilla", "sdmoe"):
+        command = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            config,
+            variant,
+            "--memory-steps",
+            str(args.memory_steps),
+        ]
+        command += ["--rank", str(args.rank), "--refresh-every", str(args.refresh_every), "--svd", args.svd]
+        command += ["--accumulate", str(args.accumulate)]
+        command += ["--strict"] * args.strict + (["--threads", str(args.threads)] if args.threads else [])
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        result[variant] = json.loads(output.strip().splitlines()[-1])
+    return {
+        "vanilla_peak_growth_mib": round(result["vanilla"]["peak_growth_bytes"] / 2**20, 1),
+        "sdmoe_peak_growth_mib": round(result["sdmoe"]["peak_growth_bytes"] / 2**20, 1),
+        "process_baseline_mib": round(result["vanilla"]["baseline_bytes"] / 2**20, 1),
+        "peak_memory_ratio": result["sdmoe"]["peak_growth_bytes"] / result["vanilla"]["peak_growth_bytes"],
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child, args)
+        return
+    per_config = {}
+    for config in args.configs:
+        per_config[config] = {**time_round_robin(config, args), **measure_memory(config, args)}
+        row = per_config[config]
+        amortised, ratios = row["sdmoe_amortised_ms"], row["overhead_ratio_by_svd"]
+        print(
+            f"{config:>5}: vanilla {row['vanilla_ms']:7.1f} ms | SD-MoE step {row['sdmoe_step_ms']:7.1f} ms, "
+            f"with refresh amortised {amortised['lowrank']:7.1f} ms (lowrank SVD, x{ratios['lowrank']:.3f}) / "
+            f"{amortised['full']:7.1f} ms (full SVD, x{ratios['full']:.3f}) "
+            f"| peak memory x{row['peak_memory_ratio']:.3f}"
+        )
+    headline_config = "mid" if "mid" in per_config else args.configs[0]
+    headline = per_config[headline_config]
+    proxy = time_proxy_alternatives(headline_config, args)
+    print(
+        f"one expert bank fwd+bwd ({headline_config}): plain {proxy['plain_ms']:.1f} ms, W_c + W_u proxies "
+        f"{proxy['proxy_ms']:.1f} ms, shared x·W_cᵀ GEMM {proxy['shared_gemm_ms']:.1f} ms"
+    )
+    result = {
+        "benchmark": "sdmoe_training_step_overhead",
+        "overhead_ratio": headline["overhead_ratio"],
+        "peak_memory_ratio": headline["peak_memory_ratio"],
+        "configs": per_config,
+        "proxy_construction": {"config": headline_config, **proxy},
+        "settings": {
+            "rank": args.rank,
+            "refresh_every": args.refresh_every,
+            "svd": args.svd,
+            "strict": args.strict,
+            "accumulate": args.accumulate,
+            "steps": args.steps,
+            "seq_len": SEQ_LEN,
+            "batch_size": {name: CONFIGS[name][1] for name in args.configs},
+            "dtype": "float32",
+            "threads": torch.get_num_threads(),
+        },
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    print(f"overhead_ratio = {result['overhead_ratio']:.3f} ({args.svd} SVD; target <= 1.03)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

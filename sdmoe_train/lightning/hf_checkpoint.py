@@ -1,0 +1,129 @@
+"""Hugging Face export of training checkpoints and import of HF checkpoints as weights to start from.
+
+``export_checkpoint`` reads a Lightning ``.ckpt`` of :class:`PretrainModule` (``state_dict`` keys prefixed
+``model.``, hyper-parameters ``arch`` and, with SD-MoE, ``sdmoe``), merges SD-MoE banks back into plain
+experts (``W_c + W_u[i]``) and writes a transformers directory. ``import_checkpoint`` writes the opposite:
+a recipe-ready ``model.yaml`` (the ``model.arch`` section) and a weights-only ``model.ckpt`` that
+``PretrainModule.load_from_checkpoint`` reads. It holds no optimizer or loop state, so it cannot be given
+to ``fit --ckpt_path`` (that resumes a run); starting a run from it needs a weights-initialisation option
+in :class:`PretrainModule`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sdmoe_train.errors import ConfigError
+from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
+from sdmoe_train.models.hf_export import HFArchitecture
+from sdmoe_train.models.hf_import import detect_hf_architecture
+from sdmoe_train.models.hf_io import TOKENIZER_FILES, export_model, import_model, read_hf_config
+from sdmoe_train.models.transformer import Transformer
+
+MODEL_PREFIX = "model."
+IMPORTED_ARCH_FILE = "model.yaml"
+IMPORTED_WEIGHTS_FILE = "model.ckpt"
+
+
+def _arch(value: TransformerConfig | dict[str, Any]) -> TransformerConfig:
+    """The ``arch`` hyper-parameter as a config (checkpoints written from a plain dict store a dict)."""
+    if isinstance(value, TransformerConfig):
+        return value
+    fields = dict(value)
+    attention = dict(fields.pop("attention", None) or {})
+    if attention.get("mla") is not None:
+        attention["mla"] = MLAConfig(**attention["mla"])
+    moe = fields.pop("moe", {})
+    return TransformerConfig(
+        **fields, attention=AttentionConfig(**attention), moe=None if moe is None else MoEConfig(**moe)
+    )
+
+
+def load_checkpoint_model(ckpt_path: str | Path) -> Transformer:
+    """The fp32 :class:`Transformer` of a training checkpoint, with SD-MoE banks merged into plain experts.
+
+    Raises:
+        ConfigError: missing file, no ``arch`` hyper-parameter, or decoupled banks without ``sdmoe``.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+    # A training checkpoint is the user's own output (the same trust as `fit --ckpt_path`); it holds
+    # Lightning and jsonargparse objects that the weights-only unpickler rejects.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "arch" not in hparams:
+        raise ConfigError(f"{path}: no 'arch' hyper-parameter; is it a PretrainModule checkpoint?")
+    model = Transformer(_arch(hparams["arch"]))
+    state = {k.removeprefix(MODEL_PREFIX): v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+    decoupled = any(key.endswith(("_proj_common", "_proj_unique")) for key in state)
+    if decoupled:
+        sdmoe = hparams.get("sdmoe")
+        if sdmoe is None:
+            raise ConfigError(f"{path}: expert banks are SD-MoE decoupled but the 'sdmoe' hyper-parameter is missing")
+        # Imported here: SD-MoE is optional for plain checkpoints.
+        from sdmoe_train.moe.sdmoe import apply_spectral_decoupling, merge_spectral_decoupling
+
+        apply_spectral_decoupling(model, sdmoe)
+    model.load_state_dict(state, strict=True)
+    if decoupled:
+        merge_spectral_decoupling(model)
+    return model.eval()
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    arch: HFArchitecture | None = None,
+    tokenizer: str | Path | None = None,
+    max_shard_size: str | int = "5GB",
+) -> HFArchitecture:
+    """Write a training checkpoint as a transformers checkpoint directory (see :func:`export_model`).
+
+    Returns:
+        The architecture written (chosen from the config when ``arch`` is None).
+    """
+    model = load_checkpoint_model(ckpt_path)
+    return export_model(model, out_dir, arch=arch, tokenizer=tokenizer, max_shard_size=max_shard_size)
+
+
+def import_checkpoint(
+    hf_dir: str | Path, out_dir: str | Path, upcycle_experts: int | None = None, upcycle_top_k: int = 2
+) -> Path:
+    """Turn a transformers checkpoint directory into a model preset plus weights our trainer reads.
+
+    Writes ``out_dir/model.yaml`` (the ``model.arch`` section of a recipe), ``out_dir/model.ckpt``
+    (``state_dict`` with ``model.`` keys and hyper-parameter ``arch``) and copies the tokenizer files.
+    ``upcycle_experts`` turns a dense checkpoint's MLPs into that many identical experts (top-``upcycle_top_k``).
+
+    Returns:
+        The path of ``model.ckpt``.
+    """
+    settings = read_hf_config(hf_dir)
+    model = import_model(hf_dir, upcycle_experts, upcycle_top_k)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    upcycled = "" if upcycle_experts is None else f", MLPs upcycled into {upcycle_experts} experts"
+    header = (
+        f"# Architecture imported from {Path(hf_dir).resolve()} ({detect_hf_architecture(settings)}{upcycled}).\n"
+        "# Training-only settings (balancing losses, bias update rate) are defaults; set them for your run.\n"
+    )
+    (out / IMPORTED_ARCH_FILE).write_text(header + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    checkpoint = {
+        "state_dict": {MODEL_PREFIX + key: value for key, value in model.state_dict().items()},
+        "hyper_parameters": {"arch": config},
+        "pytorch-lightning_version": importlib.metadata.version("lightning"),
+    }
+    torch.save(checkpoint, out / IMPORTED_WEIGHTS_FILE)
+    for name in TOKENIZER_FILES:
+        if (Path(hf_dir) / name).is_file():
+            shutil.copy2(Path(hf_dir) / name, out / name)
+    return out / IMPORTED_WEIGHTS_FILE

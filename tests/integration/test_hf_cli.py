@@ -1,0 +1,97 @@
+"""`sdmoe-train export` / `import`: training checkpoints (plain and SD-MoE) to HF directories and back."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+from tokenizers import Tokenizer, models
+
+from sdmoe_train.cli import main
+from sdmoe_train.lightning.module import PretrainModule
+from sdmoe_train.models import presets
+from sdmoe_train.models.config import TransformerConfig
+from sdmoe_train.moe.sdmoe import SDMoEConfig
+
+pytest.importorskip("safetensors")
+
+
+def _config(name: str) -> TransformerConfig:
+    config = presets.PRESETS[name]()
+    config.n_layers, config.vocab_size, config.max_seq_len = 2, 64, 32
+    return config
+
+
+def _save(module: PretrainModule, path: Path) -> Path:
+    # The keys Lightning's Trainer.save_checkpoint writes that export reads.
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": importlib.metadata.version("lightning"),
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+def _logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(tokens)
+
+
+@pytest.mark.parametrize("preset", ["tiny_qwen_moe", "tiny_deepseek_moe"])
+def test_export_then_import_restores_the_trained_model(preset: str, tmp_path: Path) -> None:
+    module = PretrainModule(_config(preset))
+    tokenizer = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="a")).save(str(tokenizer))
+    ckpt = _save(module, tmp_path / "last.ckpt")
+    main(["export", str(ckpt), str(tmp_path / "hf"), "--format", "hf", "--tokenizer", str(tokenizer)])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in (tmp_path / "hf").iterdir()
+    }
+    main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
+
+    parser = ArgumentParser()
+    parser.add_argument("--arch", type=TransformerConfig)
+    arch = parser.instantiate(parser.parse_args([f"--arch={tmp_path / 'imported' / 'model.yaml'}"])).arch
+    restored = PretrainModule.load_from_checkpoint(tmp_path / "imported" / "model.ckpt")
+    assert restored.arch == arch and (tmp_path / "imported" / "tokenizer.json").is_file()
+    tokens = torch.randint(0, 64, (2, 12))
+    assert torch.equal(_logits(restored, tokens), _logits(module, tokens))
+
+
+def test_sdmoe_checkpoint_is_merged_into_plain_experts_before_export(tmp_path: Path) -> None:
+    from sdmoe_train.models.hf_io import import_model
+
+    module = PretrainModule(_config("tiny_qwen_moe"), sdmoe=SDMoEConfig(enabled=True, rank=2))
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("_proj_unique"):
+                param.add_(torch.randn_like(param) * 0.02)
+    ckpt = _save(module, tmp_path / "sdmoe.ckpt")
+    main(["export", str(ckpt), str(tmp_path / "hf"), "--max_shard_size", "100KB"])
+    tokens = torch.randint(0, 64, (2, 12))
+    torch.testing.assert_close(_logits(import_model(tmp_path / "hf"), tokens).logits, _logits(module, tokens))
+
+
+def test_export_refusal_exits_2_listing_the_differing_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config("tiny_qwen_moe")
+    config.moe.capacity_factor, config.moe.routed_scaling_factor = 1.5, 2.0
+    ckpt = _save(PretrainModule(config), tmp_path / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(ckpt), str(tmp_path / "hf"), "--arch", "qwen2_moe"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("sdmoe-train: error: cannot export exactly as qwen2_moe")
+    assert "moe.capacity_factor=1.5" in error and "moe.routed_scaling_factor=2.0" in error
+    assert not (tmp_path / "hf").exists()
+
+
+def test_import_of_a_directory_without_config_json_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["import", str(tmp_path), str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "no config.json" in capsys.readouterr().err

@@ -1,0 +1,373 @@
+"""SD-MoE (arXiv 2602.12556): spectral init, gradient split, strict updates, refresh, merge, config checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from sdmoe_train.errors import ConfigError
+from sdmoe_train.models.config import TransformerConfig
+from sdmoe_train.models.presets import tiny_qwen_moe
+from sdmoe_train.models.transformer import Transformer, next_token_loss
+from sdmoe_train.moe.experts import ExpertBank
+from sdmoe_train.moe.sdmoe import (
+    MATRIX_TYPES,
+    DecoupledExpertBank,
+    SDMoEConfig,
+    apply_spectral_decoupling,
+    decoupled_banks,
+    finish_optimizer_step,
+    merge_spectral_decoupling,
+    project_gradients,
+    refresh_bases,
+    strict_update_reference,
+)
+from sdmoe_train.moe.spectral import (
+    project_common_gradient_,
+    project_unique_gradient_,
+    project_unique_update_,
+    spectral_init,
+    top_singular_bases,
+    update_reference,
+)
+
+SHAPES = {"square": (24, 24), "tall": (40, 16), "wide": (16, 40)}
+
+
+def _orthonormal(rows: int, cols: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(rows, cols, generator=generator)).Q
+
+
+def _complement_reference(grad_EMN: Tensor, left_MK: Tensor, right_NK: Tensor) -> Tensor:
+    """(I − P_U) G (I − P_V) with the projectors materialised: the slow, obvious definition."""
+    eye_left = torch.eye(left_MK.shape[0], dtype=torch.float64)
+    eye_right = torch.eye(right_NK.shape[0], dtype=torch.float64)
+    left, right = left_MK.double(), right_NK.double()
+    return (eye_left - left @ left.T) @ grad_EMN.double() @ (eye_right - right @ right.T)
+
+
+def _tiny_arch() -> TransformerConfig:
+    arch = tiny_qwen_moe()
+    arch.n_layers, arch.vocab_size, arch.max_seq_len = 2, 64, 16
+    arch.moe.expert_hidden_dim = 48
+    arch.moe.aux_loss_coef = 0.0
+    return arch
+
+
+def _model(**sdmoe: object) -> Transformer:
+    model = Transformer(_tiny_arch())
+    apply_spectral_decoupling(model, SDMoEConfig(enabled=True, rank=4, **sdmoe))
+    return model
+
+
+def _backward(model: Transformer, seed: int = 0) -> None:
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
+    out = model(tokens)
+    (next_token_loss(out.logits, tokens) + out.moe.loss).backward()
+
+
+# --- initialisation (spec §3) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_spectral_init_puts_unique_parts_in_the_complement_with_the_tail_spectrum(shape: tuple[int, int]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight_MN = torch.randn(shape, generator=generator) * 0.02
+    init = spectral_init(weight_MN, rank=4, num_experts=3, generator=generator)
+    left, right, common, unique = init.left_basis_MK, init.right_basis_NK, init.common_MN, init.unique_EMN
+
+    scale = unique.abs().max()
+    assert (left.T @ unique).abs().max() < 1e-5 * scale
+    assert (unique @ right).abs().max() < 1e-5 * scale
+    torch.testing.assert_close(left.T @ left, torch.eye(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(right.T @ right, torch.eye(4), atol=1e-6, rtol=0)
+    assert torch.linalg.matrix_rank(common) == 4
+    expected = torch.linalg.svdvals(weight_MN).expand(3, -1)
+    torch.testing.assert_close(torch.linalg.svdvals(common + unique), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(common, left @ torch.diag(expected[0, :4]) @ right.T, atol=1e-6, rtol=1e-5)
+    assert (unique[0] - unique[1]).abs().max() > 0.1 * scale, "experts must get different unique parts"
+
+
+def test_decoupled_model_satisfies_the_init_invariants_with_the_model_init_stds() -> None:
+    model = _model()
+    arch = model.config
+    stds = {"gate": arch.init_std, "up": arch.init_std, "down": arch.init_std / math.sqrt(2 * arch.n_layers)}
+    for bank in decoupled_banks(model):
+        for matrix in MATRIX_TYPES:
+            common, unique, left, right = bank.parts(matrix)
+            assert (left.T @ unique).abs().max() < 1e-5 * unique.abs().max()
+            assert (unique @ right).abs().max() < 1e-5 * unique.abs().max()
+            assert torch.linalg.matrix_rank(common) == 4
+            spectra = torch.linalg.svdvals(common + unique)
+            torch.testing.assert_close(spectra, spectra[0].expand_as(spectra), atol=1e-6, rtol=1e-5)
+            proxy_std = (common + unique).std().item()
+            assert 0.9 * stds[matrix] < proxy_std < 1.1 * stds[matrix], (matrix, proxy_std)
+
+
+def test_layers_and_matrix_types_get_different_common_parts() -> None:
+    banks = decoupled_banks(_model())
+    assert not torch.allclose(banks[0].parts("gate")[0], banks[1].parts("gate")[0])
+    assert not torch.allclose(banks[0].parts("gate")[0], banks[0].parts("up")[0])
+
+
+# --- gradient split (spec §4) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_unique_projection_matches_the_materialised_projectors_and_is_idempotent(shape: tuple[int, int]) -> None:
+    rows, cols = shape
+    left, right = _orthonormal(rows, 4, 1), _orthonormal(cols, 4, 2)
+    grad = torch.randn(5, rows, cols)
+    projected = grad.clone()
+    project_unique_gradient_(projected, left, right)
+
+    torch.testing.assert_close(projected.double(), _complement_reference(grad, left, right), atol=1e-5, rtol=1e-5)
+    assert (left.T @ projected).abs().max() < 1e-5
+    assert (projected @ right).abs().max() < 1e-5
+    twice = projected.clone()
+    project_unique_gradient_(twice, left, right)
+    torch.testing.assert_close(twice, projected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_common_and_unique_gradients_add_up_to_the_expert_summed_gradient(shape: tuple[int, int]) -> None:
+    rows, cols = shape
+    left, right = _orthonormal(rows, 4, 3), _orthonormal(cols, 4, 4)
+    grad = torch.randn(5, rows, cols)
+    unique, common = grad.clone(), grad.sum(0)
+    project_unique_gradient_(unique, left, right)
+    project_common_gradient_(common, left, right)
+
+    torch.testing.assert_close(common + unique.sum(0), grad.sum(0), atol=1e-5, rtol=1e-5)
+    summed = grad.sum(0)
+    reference = left @ left.T @ summed + (torch.eye(rows) - left @ left.T) @ summed @ right @ right.T
+    torch.testing.assert_close(common, reference, atol=1e-5, rtol=1e-5)
+    again = common.clone()
+    project_common_gradient_(again, left, right)
+    torch.testing.assert_close(again, common, atol=1e-5, rtol=0)
+
+
+def test_low_precision_gradients_are_projected_in_fp32_and_keep_their_dtype() -> None:
+    left, right = _orthonormal(32, 4, 5), _orthonormal(16, 4, 6)
+    grad = torch.randn(3, 32, 16).bfloat16()
+    projected = grad.clone()
+    project_unique_gradient_(projected, left, right)
+    assert projected.dtype == torch.bfloat16
+    reference = _complement_reference(grad.float(), left, right).bfloat16()
+    torch.testing.assert_close(projected, reference, atol=1e-2, rtol=1e-2)
+
+
+def test_project_gradients_splits_every_decomposed_gradient_of_a_model() -> None:
+    model = _model()
+    _backward(model)
+    raw = {
+        (id(bank), matrix): [part.grad.clone() for part in bank.parts(matrix)[:2]]
+        for bank in decoupled_banks(model)
+        for matrix in MATRIX_TYPES
+    }
+    project_gradients(model)
+    for bank in decoupled_banks(model):
+        for matrix in MATRIX_TYPES:
+            common, unique, left, right = bank.parts(matrix)
+            raw_common, raw_unique = raw[id(bank), matrix]
+            # autograd's W_c gradient is the sum of the per-expert proxy gradients (spec §4).
+            torch.testing.assert_close(raw_common, raw_unique.sum(0), atol=1e-6, rtol=1e-5)
+            assert (left.T @ unique.grad).abs().max() < 1e-5 * raw_unique.abs().max()
+            assert (unique.grad @ right).abs().max() < 1e-5 * raw_unique.abs().max()
+            torch.testing.assert_close(common.grad + unique.grad.sum(0), raw_common, atol=1e-6, rtol=1e-5)
+
+
+# --- strict mode -------------------------------------------------------------------------------------
+
+
+def test_strict_update_projection_keeps_only_the_complement_part_of_any_update() -> None:
+    left, right = _orthonormal(24, 4, 7), _orthonormal(40, 4, 8)
+    before = torch.randn(3, 24, 40)  # deliberately not in the complement: only the update is projected
+    update = torch.randn(3, 24, 40)
+    reference = update_reference(before, left, right)
+    after = before + update
+    project_unique_update_(after, reference, left, right)
+    torch.testing.assert_close(after - before, _complement_reference(update, left, right).float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_strict_adamw_steps_keep_unique_parts_in_the_complement_of_the_bases_used(strict: bool) -> None:
+    model = _model(strict=strict, refresh_every=100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        optimizer.zero_grad()
+        _backward(model, seed=step)
+        project_gradients(model)
+        reference = strict_update_reference(model)
+        optimizer.step()
+        finish_optimizer_step(model, reference)
+    worst = 0.0
+    for bank in decoupled_banks(model):
+        for matrix in MATRIX_TYPES:
+            _, unique, left, right = bank.parts(matrix)
+            overlap = max((left.T @ unique).abs().max(), (unique @ right).abs().max()) / unique.abs().max()
+            worst = max(worst, overlap.item())
+    if strict:
+        assert worst < 1e-5
+    else:
+        assert worst > 1e-3, "AdamW's elementwise scaling should leave the complement without strict mode"
+
+
+# --- basis refresh (spec §5) -----------------------------------------------------------------------
+
+
+def _with_gap(model: Transformer) -> None:
+    """Give every W_c a random top-4 subspace with a clear spectral gap, away from its initial bases."""
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for bank in decoupled_banks(model):
+            for matrix in MATRIX_TYPES:
+                common = bank.parts(matrix)[0]
+                rows, cols = common.shape
+                left = torch.linalg.qr(torch.randn(rows, 4, generator=generator)).Q
+                right = torch.linalg.qr(torch.randn(cols, 4, generator=generator)).Q
+                noise = 0.01 * torch.randn(rows, cols, generator=generator)
+                common.copy_(left @ torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])) @ right.T + noise)
+
+
+@pytest.mark.parametrize("svd", ["full", "lowrank"])
+def test_refresh_recomputes_the_bases_from_the_current_common_part_only(svd: str) -> None:
+    model = _model(svd=svd)
+    _with_gap(model)
+    weights = {name: param.clone() for name, param in model.named_parameters()}
+    refresh_bases(model)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, weights[name]), f"refresh must not touch {name}"
+    for bank in decoupled_banks(model):
+        for matrix in MATRIX_TYPES:
+            common, _, left, right = bank.parts(matrix)
+            svd_left, _, svd_right_adjoint = torch.linalg.svd(common)
+            expected_left, expected_right = svd_left[:, :4], svd_right_adjoint[:4].T
+            torch.testing.assert_close(left @ left.T, expected_left @ expected_left.T, atol=1e-4, rtol=0)
+            torch.testing.assert_close(right @ right.T, expected_right @ expected_right.T, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("svd", ["full", "lowrank"])
+def test_refresh_is_deterministic(svd: str) -> None:
+    first, second = _model(svd=svd), _model(svd=svd)
+    for global_seed, model in enumerate((first, second)):
+        _with_gap(model)
+        torch.manual_seed(global_seed)  # the global RNG must not matter
+        refresh_bases(model)
+    for (name, a), (_, b) in zip(first.named_buffers(), second.named_buffers(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_lowrank_bases_match_the_full_svd_on_a_large_matrix_with_a_gap() -> None:
+    generator = torch.Generator().manual_seed(0)
+    left = torch.linalg.qr(torch.randn(300, 8, generator=generator)).Q
+    right = torch.linalg.qr(torch.randn(200, 8, generator=generator)).Q
+    matrix = left @ torch.diag(torch.linspace(8, 1, 8)) @ right.T + 0.01 * torch.randn(300, 200, generator=generator)
+    full = top_singular_bases(matrix, 8, "full")
+    lowrank = top_singular_bases(matrix, 8, "lowrank", torch.Generator().manual_seed(1))
+    for exact, approx in zip(full, lowrank, strict=True):
+        torch.testing.assert_close(approx @ approx.T, exact @ exact.T, atol=1e-3, rtol=0)
+
+
+def test_bases_refresh_exactly_every_refresh_every_optimizer_steps() -> None:
+    model = _model(refresh_every=3)
+    _with_gap(model)
+    bank = decoupled_banks(model)[0]
+    initial = bank.parts("gate")[2].clone()
+    refreshed_at = [step for step in range(1, 7) if finish_optimizer_step(model, None)]
+    assert refreshed_at == [3, 6]
+    assert bank.steps == 6 and int(bank.optimizer_steps) == 6
+    assert not torch.allclose(bank.parts("gate")[2], initial)
+
+
+def test_step_counter_survives_a_state_dict_round_trip() -> None:
+    saved = _model(refresh_every=4)
+    for _ in range(3):
+        finish_optimizer_step(saved, None)
+    restored = _model(refresh_every=4, seed=5)
+    assert decoupled_banks(restored)[0].steps == 0
+    restored.load_state_dict(saved.state_dict())
+    assert all(bank.steps == 3 for bank in decoupled_banks(restored))
+    assert finish_optimizer_step(restored, None), "the 4th step of the saved run refreshes"
+    assert all(bank.steps == 4 for bank in decoupled_banks(restored))
+
+
+# --- forward, merge, configuration --------------------------------------------------------------------
+
+
+def test_forward_uses_the_proxies_through_the_grouped_path() -> None:
+    model = _model()
+    bank = decoupled_banks(model)[0]
+    x = torch.randn(12, model.config.hidden_dim)
+    tokens_per_expert = torch.tensor([3, 0, 2, 1, 1, 2, 2, 1])
+    plain = ExpertBank(bank.num_experts, model.config.hidden_dim, model.config.moe.expert_hidden_dim)
+    with torch.no_grad():
+        for matrix in MATRIX_TYPES:
+            getattr(plain, f"{matrix}_proj").copy_(bank.proxy(matrix))
+        torch.testing.assert_close(bank(x, tokens_per_expert), plain(x, tokens_per_expert), atol=1e-6, rtol=1e-5)
+
+
+def test_merge_gives_plain_banks_with_the_vanilla_names_and_the_same_logits() -> None:
+    model = _model()
+    _with_gap(model)
+    vanilla_names = [(name, p.shape) for name, p in Transformer(_tiny_arch()).named_parameters()]
+    tokens = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        before = model(tokens).logits
+        merge_spectral_decoupling(model)
+        after = model(tokens).logits
+    assert not decoupled_banks(model)
+    assert [(name, p.shape) for name, p in model.named_parameters()] == vanilla_names
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_only_the_listed_matrices_are_decomposed() -> None:
+    model = Transformer(_tiny_arch())
+    plain_down = [layer.experts.down_proj for _, layer in model.moe_layers()]
+    apply_spectral_decoupling(model, SDMoEConfig(enabled=True, rank=4, matrices=["gate", "up"]))
+    for bank, down in zip(decoupled_banks(model), plain_down, strict=True):
+        assert bank.down_proj is down
+        assert not hasattr(bank, "down_proj_common")
+        assert isinstance(bank, DecoupledExpertBank)
+
+
+def test_disabled_config_leaves_the_model_untouched() -> None:
+    model = Transformer(_tiny_arch())
+    before = [(name, p.clone()) for name, p in model.named_parameters()]
+    apply_spectral_decoupling(model, SDMoEConfig(enabled=False))
+    after = list(model.named_parameters())
+    assert [name for name, _ in after] == [name for name, _ in before]
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(after, before, strict=True))
+
+
+@pytest.mark.parametrize(("rank", "limit"), [(48, 47), (200, 47)])
+def test_rank_must_be_below_both_matrix_dimensions(rank: int, limit: int) -> None:
+    with pytest.raises(ConfigError, match=rf"sdmoe.rank={rank} must be smaller .* sdmoe.rank <= {limit}"):
+        apply_spectral_decoupling(Transformer(_tiny_arch()), SDMoEConfig(enabled=True, rank=rank))
+
+
+def test_sdmoe_on_a_dense_model_is_a_config_error() -> None:
+    arch = _tiny_arch()
+    arch.moe = None
+    with pytest.raises(ConfigError, match="sdmoe.enabled=true needs an MoE model"):
+        apply_spectral_decoupling(Transformer(arch), SDMoEConfig(enabled=True))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"rank": 0}, "sdmoe.rank=0 must be >= 1"),
+        ({"refresh_every": 0}, "sdmoe.refresh_every=0 must be >= 1"),
+        ({"matrices": []}, r"sdmoe.matrices=\[\] must name"),
+        ({"matrices": ["up", "up"]}, "at most once"),
+        ({"matrices": ["gate", "ffn"]}, r"contains \['ffn'\]"),
+        ({"svd": "exact"}, "sdmoe.svd='exact' must be 'full' or 'lowrank'"),
+    ],
+)
+def test_invalid_sdmoe_config_names_field_and_value(fields: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SDMoEConfig(**fields)
