@@ -20,6 +20,7 @@ SD-MoE (arXiv 2602.12556) is applied in ``__init__``, before any optimizer exist
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -53,6 +54,31 @@ def language_model_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
     return F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
 
 
+def _read_model_weights(path: str) -> dict[str, Tensor]:
+    if not Path(path).is_file():
+        raise ConfigError(f"model.init_from={path!r} is not a file; pass a .ckpt from `sdmoe-train import` or a run")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ConfigError(f"model.init_from={path!r} is not a readable checkpoint ({error})") from error
+    prefix = "model."
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    if not weights:
+        raise ConfigError(f"model.init_from={path!r} has no `state_dict` with `model.` weights")
+    return weights
+
+
+def _load_model_weights(model: Transformer, weights: dict[str, Tensor], path: str) -> None:
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise ConfigError(
+            f"model.init_from={path!r} does not fit model.arch (missing, unexpected or differently shaped "
+            f"weights; use the model.yaml written next to it as model.arch): {error}"
+        ) from error
+
+
 class PretrainModule(L.LightningModule):
     """Next-token pretraining of an MoE (or dense) transformer.
 
@@ -61,10 +87,17 @@ class PretrainModule(L.LightningModule):
         optim: AdamW and learning-rate schedule settings.
         sdmoe: SD-MoE spectral decoupling of the routed experts; None or ``enabled: false`` trains the
             vanilla MoE.
+        init_from: a checkpoint whose model weights start this run: ``model.ckpt`` from ``sdmoe-train
+            import`` or any ``.ckpt`` of an earlier run. Only weights are taken (fresh optimizer, schedule and
+            data position); to resume an interrupted run use ``--ckpt_path`` instead.
     """
 
     def __init__(
-        self, arch: TransformerConfig, optim: OptimConfig | None = None, sdmoe: SDMoEConfig | None = None
+        self,
+        arch: TransformerConfig,
+        optim: OptimConfig | None = None,
+        sdmoe: SDMoEConfig | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -72,7 +105,17 @@ class PretrainModule(L.LightningModule):
         self.optim = optim or OptimConfig()
         self.sdmoe = sdmoe or SDMoEConfig()
         self.model = Transformer(arch)
+        initial_weights = None if init_from is None else _read_model_weights(init_from)
+        checkpoint_decoupled = initial_weights is not None and any("_proj_common" in k for k in initial_weights)
+        if initial_weights is not None and checkpoint_decoupled != self.sdmoe.enabled:
+            raise ConfigError(
+                f"model.init_from={init_from!r} holds {'SD-MoE' if checkpoint_decoupled else 'plain'} expert "
+                f"weights but model.sdmoe.enabled={self.sdmoe.enabled}; SD-MoE initialises its common and unique "
+                "parts itself (spec §3), so start SD-MoE from an SD-MoE checkpoint and a plain MoE from a plain one"
+            )
         apply_spectral_decoupling(self.model, self.sdmoe)
+        if initial_weights is not None:
+            _load_model_weights(self.model, initial_weights, init_from)
         self.val_loss = MeanMetric()
         self.val_perplexity = Perplexity()
         self.tokens_seen = 0

@@ -11,6 +11,7 @@ from jsonargparse import ArgumentParser
 from tokenizers import Tokenizer, models
 
 from sdmoe_train.cli import main
+from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.models import presets
 from sdmoe_train.models.config import TransformerConfig
@@ -95,3 +96,26 @@ def test_import_of_a_directory_without_config_json_exits_2(tmp_path: Path, capsy
     with pytest.raises(SystemExit) as exit_info:
         main(["import", str(tmp_path), str(tmp_path / "out")])
     assert exit_info.value.code == 2 and "no config.json" in capsys.readouterr().err
+
+
+def test_imported_weights_start_a_new_run_through_init_from(tmp_path: Path) -> None:
+    module = PretrainModule(_config("tiny_qwen_moe"))
+    main(["export", str(_save(module, tmp_path / "last.ckpt")), str(tmp_path / "hf"), "--format", "hf"])
+    main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
+    parser = ArgumentParser()
+    parser.add_argument("--arch", type=TransformerConfig)
+    arch = parser.instantiate(parser.parse_args([f"--arch={tmp_path / 'imported' / 'model.yaml'}"])).arch
+
+    started = PretrainModule(arch, init_from=str(tmp_path / "imported" / "model.ckpt"))
+    tokens = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(_logits(started, tokens), _logits(module, tokens))
+
+
+def test_init_from_refuses_a_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
+    ckpt = _save(PretrainModule(_config("tiny_qwen_moe")), tmp_path / "qwen.ckpt")
+    with pytest.raises(ConfigError, match=r"model.init_from=.*does not fit model.arch"):
+        PretrainModule(_config("tiny_deepseek_moe"), init_from=str(ckpt))
+    with pytest.raises(ConfigError, match=r"holds plain expert weights but model.sdmoe.enabled=True"):
+        PretrainModule(_config("tiny_qwen_moe"), sdmoe=SDMoEConfig(enabled=True), init_from=str(ckpt))
+    with pytest.raises(ConfigError, match=r"is not a file"):
+        PretrainModule(_config("tiny_qwen_moe"), init_from=str(tmp_path / "missing.ckpt"))
