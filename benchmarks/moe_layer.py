@@ -10,14 +10,13 @@ machine noise hits all of them alike; medians are reported.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from reporting import environment, write_result
 from torch import Tensor
 
 from sdmoe_train.models.config import MoEConfig
@@ -108,17 +107,13 @@ def main() -> None:
         "median_ms": {name: round(value * 1e3, 3) for name, value in seconds.items()},
         "ratio_vs_dense": seconds["ours"] / seconds["dense"],
         "speedup_vs_naive": seconds["naive"] / seconds["ours"],
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        **environment(),
     }
     for name, value in result["median_ms"].items():
         print(f"{name:>6}: {value:9.2f} ms")
     print(f"ours / dense-active FFN = {result['ratio_vs_dense']:.2f}x   (target <= 1.5)")
     print(f"naive / ours            = {result['speedup_vs_naive']:.2f}x   (target >= 2)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from reporting import environment, write_result
 from torch import Tensor
 
 from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
@@ -307,14 +307,10 @@ def main() -> None:
             "dtype": "float32",
             "threads": torch.get_num_threads(),
         },
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        **environment(),
     }
     print(f"overhead_ratio = {result['overhead_ratio']:.3f} ({args.svd} SVD; target <= 1.03)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":
