@@ -168,3 +168,26 @@ def test_missing_tokenizer_points_to_prepare(tmp_path: Path, capsys: pytest.Capt
         main(["fit", "--config", str(recipe)])
     assert exit_info.value.code == 2
     assert "sdmoe-train prepare" in capsys.readouterr().err
+
+
+def test_wandb_recipe_logs_offline_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = _write_recipe(tmp_path, max_steps=3)
+    main(["prepare", "--config", str(recipe)])
+    main(
+        [
+            "fit",
+            "--config",
+            str(recipe),
+            "--config",
+            str(RECIPES / "loggers" / "wandb.yaml"),
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb-runs'}",
+        ]
+    )
+    runs = list((tmp_path / "wandb-runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb")), "the offline run holds no logged data"
