@@ -4,9 +4,8 @@
 ``model.``, hyper-parameters ``arch`` and, with SD-MoE, ``sdmoe``), merges SD-MoE banks back into plain
 experts (``W_c + W_u[i]``) and writes a transformers directory. ``import_checkpoint`` writes the opposite:
 a recipe-ready ``model.yaml`` (the ``model.arch`` section) and a weights-only ``model.ckpt`` that
-``PretrainModule.load_from_checkpoint`` reads. It holds no optimizer or loop state, so it cannot be given
-to ``fit --ckpt_path`` (that resumes a run); starting a run from it needs a weights-initialisation option
-in :class:`PretrainModule`.
+``PretrainModule.load_from_checkpoint`` reads and ``model.init_from`` starts a new run from. It holds no
+optimizer or loop state, so it cannot be given to ``fit --ckpt_path`` (that resumes a run).
 """
 
 from __future__ import annotations
@@ -21,13 +20,14 @@ import torch
 import yaml
 
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.lightning.module import MODEL_PREFIX, model_state
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
 from sdmoe_train.models.hf_export import HFArchitecture
 from sdmoe_train.models.hf_import import detect_hf_architecture
 from sdmoe_train.models.hf_io import TOKENIZER_FILES, export_model, import_model, read_hf_config
 from sdmoe_train.models.transformer import Transformer
+from sdmoe_train.moe.sdmoe import apply_spectral_decoupling, is_decoupled_state, merge_spectral_decoupling
 
-MODEL_PREFIX = "model."
 IMPORTED_ARCH_FILE = "model.yaml"
 IMPORTED_WEIGHTS_FILE = "model.ckpt"
 
@@ -62,15 +62,12 @@ def load_checkpoint_model(ckpt_path: str | Path) -> Transformer:
     if "arch" not in hparams:
         raise ConfigError(f"{path}: no 'arch' hyper-parameter; is it a PretrainModule checkpoint?")
     model = Transformer(_arch(hparams["arch"]))
-    state = {k.removeprefix(MODEL_PREFIX): v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
-    decoupled = any(key.endswith(("_proj_common", "_proj_unique")) for key in state)
+    state = model_state(checkpoint)
+    decoupled = is_decoupled_state(state)
     if decoupled:
         sdmoe = hparams.get("sdmoe")
         if sdmoe is None:
             raise ConfigError(f"{path}: expert banks are SD-MoE decoupled but the 'sdmoe' hyper-parameter is missing")
-        # Imported here: SD-MoE is optional for plain checkpoints.
-        from sdmoe_train.moe.sdmoe import apply_spectral_decoupling, merge_spectral_decoupling
-
         apply_spectral_decoupling(model, sdmoe)
     model.load_state_dict(state, strict=True)
     if decoupled:

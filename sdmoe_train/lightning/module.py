@@ -38,6 +38,7 @@ from sdmoe_train.moe.sdmoe import (
     SDMoEConfig,
     apply_spectral_decoupling,
     finish_optimizer_step,
+    is_decoupled_state,
     project_gradients,
     refresh_count,
     strict_update_reference,
@@ -54,6 +55,16 @@ def language_model_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
     return F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
 
 
+MODEL_PREFIX = "model."
+"""Checkpoint ``state_dict`` keys of the transformer start with this (the ``model`` attribute)."""
+
+
+def model_state(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
+    """The transformer's own ``state_dict`` inside a :class:`PretrainModule` checkpoint (prefix removed)."""
+    state = checkpoint.get("state_dict", {})
+    return {key.removeprefix(MODEL_PREFIX): value for key, value in state.items() if key.startswith(MODEL_PREFIX)}
+
+
 def _read_model_weights(path: str) -> dict[str, Tensor]:
     if not Path(path).is_file():
         raise ConfigError(f"model.init_from={path!r} is not a file; pass a .ckpt from `sdmoe-train import` or a run")
@@ -61,9 +72,7 @@ def _read_model_weights(path: str) -> dict[str, Tensor]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ConfigError(f"model.init_from={path!r} is not a readable checkpoint ({error})") from error
-    prefix = "model."
-    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
-    weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    weights = model_state(checkpoint) if isinstance(checkpoint, dict) else {}
     if not weights:
         raise ConfigError(f"model.init_from={path!r} has no `state_dict` with `model.` weights")
     return weights
@@ -106,7 +115,7 @@ class PretrainModule(L.LightningModule):
         self.sdmoe = sdmoe or SDMoEConfig()
         self.model = Transformer(arch)
         initial_weights = None if init_from is None else _read_model_weights(init_from)
-        checkpoint_decoupled = initial_weights is not None and any("_proj_common" in k for k in initial_weights)
+        checkpoint_decoupled = initial_weights is not None and is_decoupled_state(initial_weights)
         if initial_weights is not None and checkpoint_decoupled != self.sdmoe.enabled:
             raise ConfigError(
                 f"model.init_from={init_from!r} holds {'SD-MoE' if checkpoint_decoupled else 'plain'} expert "

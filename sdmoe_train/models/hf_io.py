@@ -19,6 +19,7 @@ from sdmoe_train.models.config import TransformerConfig
 from sdmoe_train.models.hf_export import HFArchitecture, detect_architecture, hf_config, to_hf_state_dict
 from sdmoe_train.models.hf_import import config_from_hf, detect_hf_architecture, from_hf_state_dict, key_layout
 from sdmoe_train.models.transformer import Transformer
+from sdmoe_train.moe.sdmoe import decoupled_banks
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -157,10 +158,9 @@ def export_model(
     config = model.config
     arch = arch or detect_architecture(config)
     settings = hf_config(config, arch, dtype=model.embed.weight.dtype)
-    state = model.state_dict()
-    if any(key.endswith("_proj_common") for key in state):
+    if decoupled_banks(model):
         raise ConfigError("the model's experts are SD-MoE decoupled; call merge_spectral_decoupling(model) first")
-    tensors = to_hf_state_dict(state, config, arch)
+    tensors = to_hf_state_dict(model.state_dict(), config, arch)
     out = Path(out_dir)
     save_safetensors(tensors, out, max_shard_size)
     (out / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")

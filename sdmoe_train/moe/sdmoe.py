@@ -20,6 +20,7 @@ and :func:`merge_spectral_decoupling` turns the model back into a plain MoE for 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -216,6 +217,11 @@ class DecoupledExpertBank(ExpertBank):
     def _forget_steps_mirror(self, module: nn.Module, incompatible_keys: Any) -> None:
         # Loading a checkpoint replaces the buffer; the mirror is re-read from it on next use.
         self._steps_mirror = None
+
+
+def is_decoupled_state(state: Mapping[str, Any]) -> bool:
+    """Whether a model ``state_dict`` holds SD-MoE banks (their ``{t}_proj_common`` parameters)."""
+    return any(key.endswith("_proj_common") for key in state)
 
 
 def decoupled_banks(model: nn.Module) -> list[DecoupledExpertBank]:
