@@ -144,3 +144,11 @@ def test_every_expert_weight_round_trips_through_sharding_and_consolidation(tmp_
     with torch.no_grad():
         logits = module(deepspeed_runs.evaluation_tokens())
     torch.testing.assert_close(logits, torch.load(out / "start_logits_rank0.pt"), atol=1e-5, rtol=0)
+
+
+def test_zero3_with_expert_parallelism_is_refused_with_a_config_error(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, deepspeed_runs.__file__, str(tmp_path), "--stage", "3", "--ep_size", "2"]
+    result = subprocess.run(command, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "ConfigError: model.parallel.ep_size=2 needs ZeRO stage 0, 1 or 2" in result.stderr
