@@ -31,7 +31,11 @@ from sdmoe_train.parallel.expert_parallel import (
     gather_expert_tensors,
 )
 from sdmoe_train.parallel.groups import ExpertParallelGroups, build_expert_parallel_groups
+from sdmoe_train.parallel.monitoring import expert_factors
 from tests.integration.sdmoe_ddp import SDMOE, _one_thread, global_batches, tiny_arch
+
+FACTOR_RANK = 3
+"""Singular triplets per expert gathered for monitoring."""
 
 
 def ep_arch() -> TransformerConfig:
@@ -74,6 +78,7 @@ def _train(model: Transformer, batches: torch.Tensor, groups: ExpertParallelGrou
         finish_optimizer_step(model, reference)
         model.update_routing_biases(counts_LE)
     record["state"] = _global(model.state_dict(), sharded, groups)
+    record["factors"] = {key: f.low_rank() for key, f in expert_factors(model, FACTOR_RANK, groups).items()}
     return record
 
 

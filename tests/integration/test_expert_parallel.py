@@ -29,6 +29,11 @@ def test_two_rank_expert_parallel_steps_equal_one_process_on_the_global_batch(tm
         # The router and RoPE compute in fp32 inside the fp64 model, hence fp32-level tolerances.
         _assert_close(record["first_step"], single["first_step"], atol=1e-7)
         _assert_close(record["state"], single["state"], atol=1e-6)
+        # Monitoring sees every expert on every rank, from gathered rank-3 factors.
+        assert record["factors"].keys() == single["factors"].keys()
+        for key, low_rank_EMN in single["factors"].items():
+            assert low_rank_EMN.shape[0] == 8
+            torch.testing.assert_close(record["factors"][key], low_rank_EMN, atol=1e-5, rtol=0, msg=str(key))
     expert_weights = [name for name in single["state"] if name.endswith(("up_proj", "up_proj_unique"))]
     assert expert_weights and all(single["state"][name].shape[0] == 8 for name in expert_weights)
     biases = [tensor for name, tensor in single["state"].items() if name.endswith("selection_bias")]
