@@ -16,8 +16,9 @@
   :func:`sdmoe_train.parallel.checkpoint.consolidate_checkpoint` turns a directory into one file that any
   layout starts from (``model.init_from``).
 
-ZeRO stage 3 with expert parallelism is rejected by DeepSpeed itself ("Native DeepSpeed MoE is not
-supported with ZeRO Stage 3"); this strategy raises a ConfigError before that (see docs/distributed.md).
+ZeRO stage 3 is refused with a ConfigError: with expert parallelism DeepSpeed itself rejects it ("Native
+DeepSpeed MoE is not supported with ZeRO Stage 3"), and without it the first backward fails on partitioned
+weights (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -111,13 +112,16 @@ class MoEDeepSpeedStrategy(DeepSpeedStrategy):
         import deepspeed
 
         groups: ExpertParallelGroups | None = getattr(self.lightning_module, "expert_groups", None)
+        if self.zero_stage_3:
+            ep_size = 1 if groups is None else groups.ep_size
+            if ep_size > 1:
+                reason = f"model.parallel.ep_size={ep_size} needs ZeRO stage 0, 1 or 2 (DeepSpeed's MoE rejects ZeRO-3)"
+            else:
+                # Tested with DeepSpeed 0.19.8: the first backward fails inside autograd with "The size of
+                # tensor a (0) must match the size of tensor b (128)" (a partitioned weight meets its gradient).
+                reason = "ZeRO stage 3 does not train this model (its backward fails on partitioned weights)"
+            raise ConfigError(f"{reason}; set the strategy's stage to 1 or 2 (docs/distributed.md)")
         if groups is not None and groups.ep_size > 1:
-            if self.zero_stage_3:
-                raise ConfigError(
-                    f"model.parallel.ep_size={groups.ep_size} needs ZeRO stage 0, 1 or 2, but the strategy uses "
-                    "stage 3 (DeepSpeed's MoE does not support ZeRO-3); set the strategy's stage to 1 or 2, "
-                    "or model.parallel.ep_size=1"
-                )
             num_experts = self.lightning_module.arch.moe.num_experts
             model.add_module("deepspeed_expert_parallel", _expert_parallel_marker(num_experts, groups))
         device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank

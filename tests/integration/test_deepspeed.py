@@ -65,15 +65,22 @@ def zero2_expert_parallel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _launch(out, "--stage", "2", "--ep_size", "2", "--steps", "3", "--sdmoe")
 
 
-def test_zero2_expert_parallel_sdmoe_run_equals_the_single_device_run(single_device: Path, zero2_expert_parallel):
-    _assert_replicas_agree(zero2_expert_parallel / "final")
-    consolidated = model_state(consolidate_checkpoint(zero2_expert_parallel / "final"))
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_zero_expert_parallel_sdmoe_run_equals_the_single_device_run(
+    stage: int, single_device: Path, zero2_expert_parallel: Path, tmp_path: Path
+) -> None:
+    if stage == 2:
+        run = zero2_expert_parallel
+    else:
+        run = _launch(tmp_path, "--stage", str(stage), "--ep_size", "2", "--steps", "3", "--sdmoe")
+    _assert_replicas_agree(run / "final")
+    consolidated = model_state(consolidate_checkpoint(run / "final"))
     expected = torch.load(single_device / "single_device_state.pt")
     _assert_close(consolidated, expected, atol=1e-5)
     assert any(tensor.abs().max() > 0 for name, tensor in expected.items() if name.endswith("selection_bias"))
     for rank in range(2):
         for moment in ("start", "end"):
-            logits = torch.load(zero2_expert_parallel / f"{moment}_logits_rank{rank}.pt")
+            logits = torch.load(run / f"{moment}_logits_rank{rank}.pt")
             torch.testing.assert_close(
                 logits, torch.load(single_device / f"{moment}_logits_rank0.pt"), atol=1e-5, rtol=0
             )
@@ -146,9 +153,13 @@ def test_every_expert_weight_round_trips_through_sharding_and_consolidation(tmp_
     torch.testing.assert_close(logits, torch.load(out / "start_logits_rank0.pt"), atol=1e-5, rtol=0)
 
 
-def test_zero3_with_expert_parallelism_is_refused_with_a_config_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("ep_size", "message"),
+    [("2", "model.parallel.ep_size=2 needs ZeRO stage 0, 1 or 2"), ("1", "ZeRO stage 3 does not train this model")],
+)
+def test_zero3_is_refused_with_a_config_error(tmp_path: Path, ep_size: str, message: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, deepspeed_runs.__file__, str(tmp_path), "--stage", "3", "--ep_size", "2"]
+    command = [sys.executable, deepspeed_runs.__file__, str(tmp_path), "--stage", "3", "--ep_size", ep_size]
     result = subprocess.run(command, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
     assert result.returncode != 0
-    assert "ConfigError: model.parallel.ep_size=2 needs ZeRO stage 0, 1 or 2" in result.stderr
+    assert f"ConfigError: {message}" in result.stderr
