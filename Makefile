@@ -32,9 +32,9 @@ $(INSTALLED): pyproject.toml
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Slow tests: multi-process runs and Hugging Face parity (needs the `hf` extra, installed here).
+# Slow tests: multi-process runs, DeepSpeed and Hugging Face parity (the `hf` and `deepspeed` extras, installed here).
 test-slow: install
-	$(PY) -m pip install --disable-pip-version-check -e ".[dev,hf]"
+	$(PY) -m pip install --disable-pip-version-check -e ".[dev,hf,deepspeed]"
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 lint: install

@@ -41,12 +41,15 @@ from sdmoe_train.moe.sdmoe import (
     is_decoupled_state,
     project_gradients,
     refresh_count,
+    register_gradient_projection_hooks,
     strict_update_reference,
 )
+from sdmoe_train.parallel.config import ParallelConfig
+from sdmoe_train.parallel.lightning import enable_expert_parallel, expert_param_groups, uses_deepspeed
 
 # Checkpoints store the typed configs as hyper-parameters; allow them through torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
-    [TransformerConfig, AttentionConfig, MLAConfig, MoEConfig, OptimConfig, SDMoEConfig]
+    [TransformerConfig, AttentionConfig, MLAConfig, MoEConfig, OptimConfig, SDMoEConfig, ParallelConfig]
 )
 
 
@@ -99,6 +102,8 @@ class PretrainModule(L.LightningModule):
         init_from: a checkpoint whose model weights start this run: ``model.ckpt`` from ``sdmoe-train
             import`` or any ``.ckpt`` of an earlier run. Only weights are taken (fresh optimizer, schedule and
             data position); to resume an interrupted run use ``--ckpt_path`` instead.
+        parallel: expert parallelism and activation checkpointing (``ep_size > 1`` needs the strategy
+            :class:`sdmoe_train.parallel.deepspeed.MoEDeepSpeedStrategy`; see docs/distributed.md).
     """
 
     def __init__(
@@ -107,12 +112,17 @@ class PretrainModule(L.LightningModule):
         optim: OptimConfig | None = None,
         sdmoe: SDMoEConfig | None = None,
         init_from: str | None = None,
+        parallel: ParallelConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.arch = arch
         self.optim = optim or OptimConfig()
         self.sdmoe = sdmoe or SDMoEConfig()
+        self.parallel = parallel or ParallelConfig()
+        self.parallel.check_num_experts(arch.moe.num_experts if arch.moe is not None else None)
+        self.expert_groups = None
+        self._gradients_projected_in_backward = False
         self.model = Transformer(arch)
         initial_weights = None if init_from is None else _read_model_weights(init_from)
         checkpoint_decoupled = initial_weights is not None and is_decoupled_state(initial_weights)
@@ -131,6 +141,25 @@ class PretrainModule(L.LightningModule):
         self._load_since_step_LE: Tensor | None = None
         self._tokens_since_step = 0
         self._last_step_time = time.perf_counter()
+
+    def configure_model(self) -> None:
+        # Lightning calls this once the processes are up, before the strategy wraps the model and before a
+        # checkpoint is restored into it, so the shards below are what the optimizer and checkpoints see.
+        if self.parallel.activation_checkpointing:
+            self.model.activation_checkpointing = True
+        if self._trainer is None:  # `load_from_checkpoint` calls this outside any run: one process, all experts
+            return
+        if self.parallel.ep_size > 1 and self.expert_groups is None:
+            self.expert_groups = enable_expert_parallel(self.model, self.parallel, self.trainer)
+        if self.sdmoe.enabled and uses_deepspeed(self.trainer) and not self._gradients_projected_in_backward:
+            if self.sdmoe.strict:
+                raise ConfigError(
+                    "model.sdmoe.strict=true is not supported with the DeepSpeed strategy (ZeRO keeps its own fp32 "
+                    "master weights, which the strict update projection cannot reach); set sdmoe.strict=false "
+                    "or use trainer.strategy=ddp"
+                )
+            register_gradient_projection_hooks(self.model)
+            self._gradients_projected_in_backward = True
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -180,7 +209,7 @@ class PretrainModule(L.LightningModule):
         # micro-batch's backward, i.e. after accumulation and after DDP's all-reduce, and right before
         # `_clip_gradients` and the parameter update: where spec §4 puts the gradient split. Callbacks'
         # `on_before_optimizer_step` run just before this hook and still see the unprojected gradients.
-        if self.sdmoe.enabled:
+        if self.sdmoe.enabled and not self._gradients_projected_in_backward:
             project_gradients(self.model)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
@@ -228,8 +257,9 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         # A tied output head is the embedding tensor itself, so it follows the embedding's policy.
+        regroup = None if self.expert_groups is None else expert_param_groups(self.expert_groups)
         optimizer, scheduler = build_optimizer(
-            self.model, self.optim, {self.model.embed.weight}, int(self.trainer.estimated_stepping_batches)
+            self.model, self.optim, {self.model.embed.weight}, int(self.trainer.estimated_stepping_batches), regroup
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -7,6 +7,7 @@ phase, then a short decay to ``min_lr_ratio`` over the last ``decay_fraction`` o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,16 +91,24 @@ def lr_multiplier(step: int, config: OptimConfig, total_steps: int) -> float:
 
 
 def build_optimizer(
-    model: nn.Module, config: OptimConfig, embedding_params: set[nn.Parameter], total_steps: int
+    model: nn.Module,
+    config: OptimConfig,
+    embedding_params: set[nn.Parameter],
+    total_steps: int,
+    regroup: Callable[[list[dict]], list[dict]] | None = None,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over :func:`parameter_groups` and its per-step LambdaLR schedule."""
+    """AdamW over :func:`parameter_groups` and its per-step LambdaLR schedule.
+
+    ``regroup`` may split the groups further (expert parameters for DeepSpeed) before the optimizer exists.
+    """
     if config.schedule != "constant" and total_steps <= config.warmup_steps:
         raise ConfigError(
             f"trainer.max_steps={total_steps} must exceed optim.warmup_steps={config.warmup_steps} "
             f"for optim.schedule={config.schedule}; set trainer.max_steps or use schedule=constant"
         )
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, config, embedding_params), lr=config.lr, betas=config.betas, eps=config.eps
-    )
+    groups = parameter_groups(model, config, embedding_params)
+    if regroup is not None:
+        groups = regroup(groups)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config, total_steps))
     return optimizer, scheduler

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from sdmoe_train.models.attention import build_attention
 from sdmoe_train.models.config import TransformerConfig
@@ -104,6 +105,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = False
+        """Recompute each block in backward instead of storing its activations (set by the training setup)."""
         self.reset_parameters()
 
     def forward(self, tokens_BS: Tensor) -> TransformerOutput:
@@ -123,7 +126,10 @@ class Transformer(nn.Module):
         x_BSD = self.embed(tokens_BS)
         moe_indices, moe_stats = [], []
         for index, block in enumerate(self.blocks):
-            x_BSD, stats = block(x_BSD, cos, sin)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x_BSD, stats = checkpoint(block, x_BSD, cos, sin, use_reentrant=False)
+            else:
+                x_BSD, stats = block(x_BSD, cos, sin)
             if stats is not None:
                 moe_indices.append(index)
                 moe_stats.append(stats)

@@ -338,6 +338,38 @@ def project_gradients(model: nn.Module) -> None:
                 project_common_gradient_(common_MN.grad, left_MK, right_NK)
 
 
+def register_gradient_projection_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """Project every gradient contribution of W_c and W_u as autograd produces it (spec §4), per micro-batch.
+
+    For strategies that reduce and partition gradients inside backward (DeepSpeed ZeRO-2 frees ``.grad``), so
+    that :func:`project_gradients` after accumulation has nothing to work on. The projections are linear and
+    every rank holds the same bases, so projecting each rank's micro-batch gradient before the reduction
+    equals projecting the reduced, accumulated gradient once.
+
+    Returns:
+        The hook handles (remove them to go back to :func:`project_gradients`).
+    """
+    handles = []
+    for bank in decoupled_banks(model):
+        for matrix in bank.decomposed:
+            common_MN, unique_EMN, _, _ = bank.parts(matrix)
+            handles.append(common_MN.register_hook(_projection_hook(bank, matrix, project_common_gradient_)))
+            handles.append(unique_EMN.register_hook(_projection_hook(bank, matrix, project_unique_gradient_)))
+    return handles
+
+
+def _projection_hook(bank: DecoupledExpertBank, matrix: MatrixType, project_: Any) -> Any:
+    # The bases are looked up at backward time: a refresh replaces their values between steps.
+    @torch.no_grad()
+    def hook(grad: Tensor) -> Tensor:
+        _, _, left_MK, right_NK = bank.parts(matrix)
+        projected = grad.clone()
+        project_(projected, left_MK, right_NK)
+        return projected
+
+    return hook
+
+
 def strict_update_reference(model: nn.Module) -> dict[tuple[int, str], UpdateReference] | None:
     """Before the optimizer step: what strict mode needs to project W_u's update; None when not strict.
 
