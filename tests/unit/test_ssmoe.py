@@ -218,6 +218,7 @@ def test_saved_u_is_restored_as_is_and_missing_u_is_rebuilt_from_loaded_weights(
     restored.load_state_dict(state, strict=True)
     for (_, router), rows in zip(spectral_routers(restored), saved_rows, strict=True):
         assert torch.equal(router.spectral_rows, rows)
+        assert set(router.row_geometry) == {"row_cos_mean", "learned_cos_mean"}
 
     rebuilt = _tiny_transformer()
     apply_spectral_routing(rebuilt, SSMoEConfig(enabled=True, k=4))
@@ -326,3 +327,11 @@ def test_diagnostics_name_every_quantity_per_layer() -> None:
 def test_config_rejects_bad_values_naming_the_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         SSMoEConfig(**{field: value})
+
+
+def test_refresh_uses_the_replaceable_rows_builder() -> None:
+    router = SpectralRouter(_router("softmax"), SSMoEConfig(enabled=True))
+    router.rows_builder = lambda experts, weight_ED, config: torch.ones_like(weight_ED)
+    router.refresh(_bank(8, 16, 8))
+    assert torch.equal(router.spectral_rows, torch.ones(8, 16))
+    torch.testing.assert_close(router.row_geometry["row_cos_mean"], torch.tensor(1.0))
