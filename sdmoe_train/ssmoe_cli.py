@@ -144,6 +144,7 @@ def run(argv: list[str]) -> list[dict[str, float]]:
     module = PretrainModule.load_from_checkpoint(config.ckpt_path, map_location="cpu", ssmoe=ssmoe)
     module.eval()
     datamodule = parsed.data
+    datamodule.prepare_data()  # builds or reuses the token cache, as `validate` does
     datamodule.setup("validate")
     limit = config.limit_val_batches
     if limit is None and isinstance((config.trainer or {}).get("limit_val_batches"), int):
