@@ -14,6 +14,7 @@ from sdmoe_train.models.hf_export import HF_ARCHITECTURES, HF_MODEL_CLASSES
 USAGE_EPILOG = """\
 Hugging Face checkpoints:
   sdmoe-train export CKPT OUT_DIR --format hf [--tokenizer PATH] [--max_shard_size 5GB] [--arch NAME]
+                     [--drop_ssmoe]
       write config.json + safetensors (+ tokenizer) for transformers' Qwen2-MoE, Qwen3-MoE or DeepSeek-V3
   sdmoe-train import HF_DIR OUT_DIR [--upcycle_experts N --upcycle_top_k K]
       write OUT_DIR/model.yaml (the model.arch recipe section) and OUT_DIR/model.ckpt (weights)
@@ -38,6 +39,12 @@ def _export_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json or tokenizer directory to copy")
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file, e.g. 2GB (default 5GB)")
+    parser.add_argument(
+        "--drop_ssmoe",
+        action="store_true",
+        help="export a checkpoint with SSMoE spectral routers by keeping only its learned routers (c = 0); "
+        "without it such a checkpoint is refused, since transformers has no spectral router",
+    )
     return parser
 
 
@@ -63,7 +70,9 @@ def run(command: str, argv: list[str]) -> None:
     """Run ``export`` or ``import`` with its arguments (ConfigError propagates to the caller)."""
     if command == "export":
         args = _export_parser().parse_args(argv)
-        arch = export_checkpoint(args.ckpt, args.out_dir, args.arch, args.tokenizer, args.max_shard_size)
+        arch = export_checkpoint(
+            args.ckpt, args.out_dir, args.arch, args.tokenizer, args.max_shard_size, drop_ssmoe=args.drop_ssmoe
+        )
         print(f"exported {args.ckpt} as {arch} ({HF_MODEL_CLASSES[arch]}) -> {args.out_dir}")
         return
     args = _import_parser().parse_args(argv)

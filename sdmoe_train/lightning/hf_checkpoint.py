@@ -2,7 +2,9 @@
 
 ``export_checkpoint`` reads a Lightning ``.ckpt`` of :class:`PretrainModule` (``state_dict`` keys prefixed
 ``model.``, hyper-parameters ``arch`` and, with SD-MoE, ``sdmoe``), merges SD-MoE banks back into plain
-experts (``W_c + W_u[i]``) and writes a transformers directory. ``import_checkpoint`` writes the opposite:
+experts (``W_c + W_u[i]``) and writes a transformers directory; a checkpoint with SSMoE spectral routers is
+refused (transformers has no such router) unless the caller drops them and exports the learned router.
+``import_checkpoint`` writes the opposite:
 a recipe-ready ``model.yaml`` (the ``model.arch`` section) and a weights-only ``model.ckpt`` that
 ``PretrainModule.load_from_checkpoint`` reads and ``model.init_from`` starts a new run from. It holds no
 optimizer or loop state, so it cannot be given to ``fit --ckpt_path`` (that resumes a run).
@@ -27,6 +29,7 @@ from sdmoe_train.models.hf_import import detect_hf_architecture
 from sdmoe_train.models.hf_io import TOKENIZER_FILES, export_model, import_model, read_hf_config
 from sdmoe_train.models.transformer import Transformer
 from sdmoe_train.moe.sdmoe import apply_spectral_decoupling, is_decoupled_state, merge_spectral_decoupling
+from sdmoe_train.moe.ssmoe_router import is_spectral_state, without_spectral_rows
 
 IMPORTED_ARCH_FILE = "model.yaml"
 IMPORTED_WEIGHTS_FILE = "model.ckpt"
@@ -46,11 +49,17 @@ def _arch(value: TransformerConfig | dict[str, Any]) -> TransformerConfig:
     )
 
 
-def load_checkpoint_model(ckpt_path: str | Path) -> Transformer:
+def load_checkpoint_model(ckpt_path: str | Path, drop_ssmoe: bool = False) -> Transformer:
     """The fp32 :class:`Transformer` of a training checkpoint, with SD-MoE banks merged into plain experts.
 
+    Args:
+        ckpt_path: a :class:`PretrainModule` checkpoint.
+        drop_ssmoe: discard SSMoE spectral routers and keep only the learned ones (the model then routes
+            as SSMoE with c = 0); without it such a checkpoint is refused.
+
     Raises:
-        ConfigError: missing file, no ``arch`` hyper-parameter, or decoupled banks without ``sdmoe``.
+        ConfigError: missing file, no ``arch`` hyper-parameter, decoupled banks without ``sdmoe``, or SSMoE
+            spectral routers without ``drop_ssmoe``.
     """
     path = Path(ckpt_path)
     if not path.is_file():
@@ -63,6 +72,17 @@ def load_checkpoint_model(ckpt_path: str | Path) -> Transformer:
         raise ConfigError(f"{path}: no 'arch' hyper-parameter; is it a PretrainModule checkpoint?")
     model = Transformer(_arch(hparams["arch"]))
     state = model_state(checkpoint)
+    if is_spectral_state(state):
+        if not drop_ssmoe:
+            ssmoe = hparams.get("ssmoe")
+            blend = f", c={ssmoe.c}" if ssmoe is not None and hasattr(ssmoe, "c") else ""
+            raise ConfigError(
+                f"{path} routes with SSMoE spectral routers (ssmoe.enabled=true{blend}), and transformers has no "
+                "such router, so the exported model could not route like this checkpoint. Pass --drop_ssmoe to "
+                "export the learned routers only (the model then routes as SSMoE with c = 0; compare both with "
+                "`sdmoe-train ssmoe-eval` first), or export a checkpoint trained without SSMoE"
+            )
+        state = without_spectral_rows(state)
     decoupled = is_decoupled_state(state)
     if decoupled:
         sdmoe = hparams.get("sdmoe")
@@ -81,13 +101,17 @@ def export_checkpoint(
     arch: HFArchitecture | None = None,
     tokenizer: str | Path | None = None,
     max_shard_size: str | int = "5GB",
+    drop_ssmoe: bool = False,
 ) -> HFArchitecture:
     """Write a training checkpoint as a transformers checkpoint directory (see :func:`export_model`).
+
+    ``drop_ssmoe`` exports a checkpoint with SSMoE spectral routers by keeping only its learned routers
+    (see :func:`load_checkpoint_model`).
 
     Returns:
         The architecture written (chosen from the config when ``arch`` is None).
     """
-    model = load_checkpoint_model(ckpt_path)
+    model = load_checkpoint_model(ckpt_path, drop_ssmoe)
     return export_model(model, out_dir, arch=arch, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
 

@@ -13,6 +13,8 @@ optimizer step (Lightning 2.6, any ``accumulate_grad_batches``):
 
 SD-MoE (arXiv 2602.12556) is applied in ``__init__``, before any optimizer exists; with
 ``sdmoe.enabled: false`` (or no ``sdmoe``) the model is the vanilla one and none of its hooks do work.
+SSMoE spectral routing (arXiv 2605.30992) is applied after it and after ``init_from`` weights are loaded;
+its U is recomputed every ``ssmoe.refresh_every`` optimizer steps, right after the step (step 3).
 """
 
 # Shape key: B sequences, S tokens, V vocabulary, L MoE layers, E experts.
@@ -44,12 +46,20 @@ from sdmoe_train.moe.sdmoe import (
     register_gradient_projection_hooks,
     strict_update_reference,
 )
+from sdmoe_train.moe.ssmoe_router import (
+    SSMoEConfig,
+    apply_spectral_routing,
+    load_health,
+    refresh_spectral_routers,
+    spectral_diagnostics,
+    without_spectral_rows,
+)
 from sdmoe_train.parallel.config import ParallelConfig
 from sdmoe_train.parallel.lightning import enable_expert_parallel, expert_param_groups, uses_deepspeed
 
 # Checkpoints store the typed configs as hyper-parameters; allow them through torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
-    [TransformerConfig, AttentionConfig, MLAConfig, MoEConfig, OptimConfig, SDMoEConfig, ParallelConfig]
+    [TransformerConfig, AttentionConfig, MLAConfig, MoEConfig, OptimConfig, SDMoEConfig, SSMoEConfig, ParallelConfig]
 )
 
 
@@ -104,6 +114,8 @@ class PretrainModule(L.LightningModule):
             data position); to resume an interrupted run use ``--ckpt_path`` instead.
         parallel: expert parallelism and activation checkpointing (``ep_size > 1`` needs the strategy
             :class:`sdmoe_train.parallel.deepspeed.MoEDeepSpeedStrategy`; see docs/distributed.md).
+        ssmoe: SSMoE spectral routing blended with the learned routers (training use is our extension;
+            see docs/ssmoe.md); None or ``enabled: false`` keeps the learned routers.
     """
 
     def __init__(
@@ -113,6 +125,7 @@ class PretrainModule(L.LightningModule):
         sdmoe: SDMoEConfig | None = None,
         init_from: str | None = None,
         parallel: ParallelConfig | None = None,
+        ssmoe: SSMoEConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -123,6 +136,13 @@ class PretrainModule(L.LightningModule):
         self.parallel.check_num_experts(arch.moe.num_experts if arch.moe is not None else None)
         self.expert_groups = None
         self._gradients_projected_in_backward = False
+        self.ssmoe = ssmoe or SSMoEConfig()
+        if self.ssmoe.enabled and self.parallel.ep_size > 1:
+            raise ConfigError(
+                f"model.ssmoe.enabled=true with model.parallel.ep_size={self.parallel.ep_size} is not supported: "
+                "the spectral router needs every expert's weights on each rank; train with ep_size=1, or train "
+                "without SSMoE and evaluate the consolidated checkpoint with `sdmoe-train ssmoe-eval`"
+            )
         self.model = Transformer(arch)
         initial_weights = None if init_from is None else _read_model_weights(init_from)
         checkpoint_decoupled = initial_weights is not None and is_decoupled_state(initial_weights)
@@ -134,11 +154,14 @@ class PretrainModule(L.LightningModule):
             )
         apply_spectral_decoupling(self.model, self.sdmoe)
         if initial_weights is not None:
-            _load_model_weights(self.model, initial_weights, init_from)
+            # U is derived from weights; it is rebuilt from the loaded ones when SSMoE is enabled below.
+            _load_model_weights(self.model, without_spectral_rows(initial_weights), init_from)
+        apply_spectral_routing(self.model, self.ssmoe)
         self.val_loss = MeanMetric()
         self.val_perplexity = Perplexity()
         self.tokens_seen = 0
         self._load_since_step_LE: Tensor | None = None
+        self._val_load_LE: Tensor | None = None
         self._tokens_since_step = 0
         self._last_step_time = time.perf_counter()
 
@@ -203,6 +226,8 @@ class PretrainModule(L.LightningModule):
             for i, layer in enumerate(moe.layer_indices)
         }
         self.log_dict(metrics)
+        if self.ssmoe.enabled:
+            self.log_dict(spectral_diagnostics(self.model, load_LE))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning 2.6.6 (`Precision._after_closure`) calls this after the closure has run the last
@@ -227,6 +252,10 @@ class PretrainModule(L.LightningModule):
         if self.sdmoe.enabled:
             finish_optimizer_step(self.model, update_reference)
             self.log("sdmoe/refresh_count", float(refresh_count(self.model)))
+        # Inside this hook `global_step` does not count the step that just finished yet.
+        refresh_every = self.ssmoe.refresh_every
+        if self.ssmoe.enabled and refresh_every and (self.trainer.global_step + 1) % refresh_every == 0:
+            refresh_spectral_routers(self.model)
         self._log_throughput()
 
     def _log_throughput(self) -> None:
@@ -249,11 +278,25 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         inputs_BS, targets_BS = batch[:, :-1], batch[:, 1:]
-        logits_BSV = self.model(inputs_BS).logits.float()
+        out = self.model(inputs_BS)
+        logits_BSV = out.logits.float()
+        if out.moe is not None:
+            load_LE = out.moe.tokens_per_expert_LE
+            self._val_load_LE = load_LE if self._val_load_LE is None else self._val_load_LE + load_LE
         self.val_loss.update(language_model_loss(logits_BSV, targets_BS), weight=targets_BS.numel())
         self.val_perplexity.update(logits_BSV, targets_BS)
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/perplexity", self.val_perplexity)
+
+    def on_validation_epoch_end(self) -> None:
+        """Routing health of the whole validation set per MoE layer: ``val/<quantity>/layer_NN``."""
+        if self._val_load_LE is None:
+            return
+        load_LE = self.trainer.strategy.reduce(self._val_load_LE, reduce_op="sum")
+        self._val_load_LE = None
+        for (index, _), load_E in zip(self.model.moe_layers(), load_LE, strict=True):
+            for name, value in load_health(load_E).items():
+                self.log(f"val/{name}/layer_{index:02d}", value)
 
     def configure_optimizers(self) -> dict[str, Any]:
         # A tied output head is the embedding tensor itself, so it follows the embedding's policy.
@@ -265,6 +308,15 @@ class PretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sdmoe_train"] = {"tokens_seen": self.tokens_seen}
+        if self.ssmoe.enabled:
+            checkpoint["sdmoe_train"]["ssmoe_rows"] = list(self.ssmoe.rows_settings())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("sdmoe_train", {}).get("tokens_seen", 0)
+        # Not the `ssmoe` hyper-parameter: `load_from_checkpoint(..., ssmoe=...)` overwrites that one.
+        saved_rows = checkpoint.get("sdmoe_train", {}).get("ssmoe_rows")
+        same_rows = saved_rows is not None and list(saved_rows) == list(self.ssmoe.rows_settings())
+        if not (self.ssmoe.enabled and same_rows) and "state_dict" in checkpoint:
+            # A saved U is reused only when it was built the same way (exact resume); otherwise it is dropped
+            # before the weights load, and the spectral routers rebuild it from the loaded weights.
+            checkpoint["state_dict"] = without_spectral_rows(checkpoint["state_dict"])

@@ -57,19 +57,31 @@ class Router(nn.Module):
         Returns:
             The routing decision, computed in fp32.
         """
-        cfg = self.config
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
-        if cfg.score_fn == "softmax":
+        scores_TE, probs_TE = self._scores(logits_TE)
+        return self._decide(logits_TE, scores_TE, probs_TE)
+
+    def _scores(self, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
+        """(scores that select and weight experts, the same normalised over experts for the balancing losses)."""
+        if self.config.score_fn == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
-            probs_TE = scores_TE
-        else:
-            scores_TE = logits_TE.sigmoid()
-            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+            return scores_TE, scores_TE
+        scores_TE = logits_TE.sigmoid()
+        return scores_TE, scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+
+    def _select(self, scores_TE: Tensor) -> Tensor:
+        """Top-k experts (T, K) by score plus selection bias, inside the best groups when group-limited."""
+        cfg = self.config
         selection_TE = scores_TE.detach() + self.selection_bias
         if cfg.n_group > 1:
             selection_TE = self._keep_best_groups(selection_TE)
-        expert_ids_TK = selection_TE.topk(cfg.top_k, dim=-1).indices
+        return selection_TE.topk(cfg.top_k, dim=-1).indices
+
+    def _decide(self, logits_TE: Tensor, scores_TE: Tensor, probs_TE: Tensor) -> RoutingDecision:
+        """Select experts by ``scores_TE`` and turn the selected scores into output weights."""
+        cfg = self.config
+        expert_ids_TK = self._select(scores_TE)
         weights_TK = scores_TE.gather(-1, expert_ids_TK)
         if cfg.norm_topk_prob:
             # The epsilon keeps an all-zero sigmoid row (saturated logits) finite.
