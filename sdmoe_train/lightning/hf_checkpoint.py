@@ -28,7 +28,7 @@ from sdmoe_train.models.hf_export import HFArchitecture
 from sdmoe_train.models.hf_import import detect_hf_architecture
 from sdmoe_train.models.hf_io import TOKENIZER_FILES, export_model, import_model, read_hf_config
 from sdmoe_train.models.transformer import Transformer
-from sdmoe_train.moe.sdmoe import apply_spectral_decoupling, is_decoupled_state, merge_spectral_decoupling
+from sdmoe_train.moe.sdmoe import SDMoEConfig, apply_spectral_decoupling, is_decoupled_state, merge_spectral_decoupling
 from sdmoe_train.moe.ssmoe_router import is_spectral_state, without_spectral_rows
 
 IMPORTED_ARCH_FILE = "model.yaml"
@@ -88,7 +88,7 @@ def load_checkpoint_model(ckpt_path: str | Path, drop_ssmoe: bool = False) -> Tr
         sdmoe = hparams.get("sdmoe")
         if sdmoe is None:
             raise ConfigError(f"{path}: expert banks are SD-MoE decoupled but the 'sdmoe' hyper-parameter is missing")
-        apply_spectral_decoupling(model, sdmoe)
+        apply_spectral_decoupling(model, sdmoe if isinstance(sdmoe, SDMoEConfig) else SDMoEConfig(**sdmoe))
     model.load_state_dict(state, strict=True)
     if decoupled:
         merge_spectral_decoupling(model)

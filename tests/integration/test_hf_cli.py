@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 from pathlib import Path
 
@@ -26,11 +27,16 @@ def _config(name: str) -> TransformerConfig:
     return config
 
 
-def _save(module: PretrainModule, path: Path) -> Path:
-    # The keys Lightning's Trainer.save_checkpoint writes that export reads.
+def _save(module: PretrainModule, path: Path, plain_hparams: bool = False) -> Path:
+    # The keys Lightning's Trainer.save_checkpoint writes that export reads. Under LightningCLI the
+    # hyper-parameters are the parsed config, i.e. plain dicts instead of the typed configs (plain_hparams).
+    hparams = {
+        key: dataclasses.asdict(value) if plain_hparams and dataclasses.is_dataclass(value) else value
+        for key, value in module.hparams.items()
+    }
     checkpoint = {
         "state_dict": module.state_dict(),
-        "hyper_parameters": dict(module.hparams),
+        "hyper_parameters": hparams,
         "pytorch-lightning_version": importlib.metadata.version("lightning"),
     }
     torch.save(checkpoint, path)
@@ -63,7 +69,8 @@ def test_export_then_import_restores_the_trained_model(preset: str, tmp_path: Pa
     assert torch.equal(_logits(restored, tokens), _logits(module, tokens))
 
 
-def test_sdmoe_checkpoint_is_merged_into_plain_experts_before_export(tmp_path: Path) -> None:
+@pytest.mark.parametrize("plain_hparams", [False, True], ids=["typed-hparams", "cli-dict-hparams"])
+def test_sdmoe_checkpoint_is_merged_into_plain_experts_before_export(plain_hparams: bool, tmp_path: Path) -> None:
     from sdmoe_train.models.hf_io import import_model
 
     module = PretrainModule(_config("tiny_qwen_moe"), sdmoe=SDMoEConfig(enabled=True, rank=2))
@@ -71,7 +78,7 @@ def test_sdmoe_checkpoint_is_merged_into_plain_experts_before_export(tmp_path: P
         for name, param in module.named_parameters():
             if name.endswith("_proj_unique"):
                 param.add_(torch.randn_like(param) * 0.02)
-    ckpt = _save(module, tmp_path / "sdmoe.ckpt")
+    ckpt = _save(module, tmp_path / "sdmoe.ckpt", plain_hparams)
     main(["export", str(ckpt), str(tmp_path / "hf"), "--max_shard_size", "100KB"])
     tokens = torch.randint(0, 64, (2, 12))
     torch.testing.assert_close(_logits(import_model(tmp_path / "hf"), tokens).logits, _logits(module, tokens))
