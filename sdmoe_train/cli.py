@@ -59,6 +59,15 @@ class PretrainCLI(LightningCLI):
             help="fit: run validation once before the first step (skipped when resuming), to log the initial loss",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would replace the recipe's model section with the checkpoint's hyper-parameters.
+        # Here the recipe stays authoritative: PretrainModule reports every difference when the checkpoint
+        # is loaded. The file itself is verified first, so damage is named instead of failing in torch.load.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None and ckpt_path not in _CKPT_PATH_KEYWORDS:
+            verify_checkpoint(ckpt_path)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -107,16 +116,13 @@ def add_default_callbacks(trainer: Any) -> None:
 
 
 def resolve_resume_checkpoint(trainer: Any, ckpt_path: str | None, auto_resume: bool) -> str | None:
-    """The checkpoint ``fit`` continues from: ``ckpt_path`` once verified, else the newest valid one.
+    """The checkpoint ``fit`` continues from: ``ckpt_path`` if given, else the newest valid one.
 
     Raises:
-        ConfigError: An explicit checkpoint is missing, truncated or corrupt, or every auto-resume candidate is.
+        ConfigError: If checkpoints exist but every auto-resume candidate is damaged.
     """
     if ckpt_path is not None:
-        # Lightning's own keywords ("last", "best", "hpc", "registry") are resolved by the trainer.
-        if ckpt_path in _CKPT_PATH_KEYWORDS:
-            return ckpt_path
-        return str(verify_checkpoint(ckpt_path))
+        return ckpt_path  # verified while parsing (PretrainCLI._parse_ckpt_path)
     if not auto_resume:
         return None
     for callback in trainer.checkpoint_callbacks:

@@ -42,7 +42,7 @@ def write_tiny_recipe(tmp_path: Path, *, max_steps: int, devices: int = 1, every
                     "bias_update_rate": 0.01,
                 },
             },
-            "optim": {"lr": 0.003, "warmup_steps": 2},
+            "optim": {"lr": 0.003, "warmup_steps": 1},
             "sdmoe": {"enabled": True, "rank": 4, "refresh_every": 3},
         },
         "data": {
