@@ -10,6 +10,7 @@ building a model. Unknown keys and invalid values are rejected while the recipe 
 from __future__ import annotations
 
 import secrets
+import signal
 import string
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
-from sdmoe_train import hf_cli
+from sdmoe_train import hf_cli, preemption
 from sdmoe_train.data import PretrainDataModule, build_token_cache, load_tokenizer, train_corpus_tokenizer
 from sdmoe_train.errors import ConfigError, TrainingHaltedError
 from sdmoe_train.io import write_text_atomically
@@ -217,6 +218,10 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] in ("export", "import"):
             hf_cli.run(argv[0], argv[1:])
             return
+        if argv and argv[0] == "fit":
+            # Held as a flag from now on: a pre-timeout signal that arrives while the model and data are
+            # built is acted on at the first step (PreemptionHandler) instead of killing the process.
+            preemption.install_signal_flags([signal.SIGUSR1])
         PretrainCLI(
             PretrainModule,
             PretrainDataModule,

@@ -69,8 +69,12 @@ def current_slurm_job() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-RELEASE_POLL_SECONDS = 3
+RELEASE_POLL_SECONDS = 2
 RELEASE_TIMEOUT_SECONDS = 600
+RELEASE_SETTLE_SECONDS = 10
+"""Wait after the job turned PENDING before releasing it. slurmd revokes the old run's credential at
+one-second resolution, and a relaunch within that second fails with "Job credential revoked" and
+ends the job for good (measured: released at once, the requeued job died); 10 s is well clear of it."""
 
 
 def release_command(job_id: str) -> str:
@@ -79,7 +83,8 @@ def release_command(job_id: str) -> str:
     attempts = RELEASE_TIMEOUT_SECONDS // RELEASE_POLL_SECONDS
     return (
         f"for attempt in $(seq {attempts}); do "
-        f'if [ "$(squeue -h -j {job} -o %T)" = PENDING ]; then exec scontrol update JobId={job} StartTime=now; fi; '
+        f'if [ "$(squeue -h -j {job} -o %T)" = PENDING ]; then '
+        f"sleep {RELEASE_SETTLE_SECONDS}; exec scontrol update JobId={job} StartTime=now; fi; "
         f"sleep {RELEASE_POLL_SECONDS}; done; exit 1"
     )
 
