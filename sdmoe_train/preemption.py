@@ -116,3 +116,20 @@ def requeue_slurm_job(job_id: str, release: bool = True) -> None:
             log.warning("could not submit the release job (%s); job %s waits ~120 s", result.stderr.strip(), job_id)
     subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True, timeout=60)
     log.info("requeued Slurm job %s", job_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sdmoe_train.preemption requeue JOB_ID``: requeue plus release, for batch scripts."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sdmoe_train.preemption")
+    parser.add_argument("command", choices=["requeue"])
+    parser.add_argument("job_id", help="the Slurm job id (ARRAYID_TASK for an array task)")
+    parser.add_argument("--no_release", action="store_true", help="leave the ~120 s BeginTime hold in place")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    requeue_slurm_job(args.job_id, release=not args.no_release)
+
+
+if __name__ == "__main__":
+    main()

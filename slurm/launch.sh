@@ -29,6 +29,8 @@ srun --kill-on-bad-exit=1 --ntasks-per-node="${SLURM_NTASKS_PER_NODE:-1}" \
     "$PYTHON" -m sdmoe_train.cli fit --config "$RECIPE" \
     --trainer.num_nodes="${SLURM_NNODES}" --trainer.devices="${SLURM_NTASKS_PER_NODE:-1}" "$@" &
 srun_pid=$!
+# A signal that came before srun existed was only recorded; pass it on now (Slurm sends it once).
+[ "$signal_received" -eq 1 ] && kill -USR1 "$srun_pid" 2>/dev/null
 # `wait` returns early whenever the trap runs; keep waiting until srun itself has exited.
 while true; do
     wait "$srun_pid"
@@ -39,6 +41,9 @@ echo "[$(date -Is)] training step exited with status ${status}"
 
 if [ "$status" -ne 0 ] && [ "$signal_received" -eq 1 ]; then
     echo "[$(date -Is)] the tasks did not requeue the job themselves; requeueing it from the batch shell"
-    scontrol requeue "${SLURM_JOB_ID}"
+    job="${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}"
+    job="${job:-${SLURM_JOB_ID}}"
+    # Also submits the job that releases the requeued one from its BeginTime hold; plain requeue if that fails.
+    "$PYTHON" -m sdmoe_train.preemption requeue "$job" || scontrol requeue "$job"
 fi
 exit "$status"

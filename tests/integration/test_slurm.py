@@ -46,7 +46,10 @@ def _wait(condition, timeout: float, what: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _slurm_up(), reason="no Slurm here; run `make test-slurm` (installs a local one)")
-def test_signalled_job_saves_requeues_resumes_and_finishes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signal_at_step", [20, 0], ids=["mid_training", "at_job_start"])
+def test_signalled_job_saves_requeues_resumes_and_finishes(tmp_path: Path, signal_at_step: int) -> None:
+    """``signal_at_step=0`` sends the signal as soon as the job runs, before Python has started: the
+    earliest a coarse Slurm timer can deliver it. Then the batch shell requeues (nothing to save yet)."""
     recipe = write_tiny_recipe(tmp_path, max_steps=MAX_STEPS, every_n_steps=50)
     run_dir = tmp_path / "run"
     log = tmp_path / "slurm.out"
@@ -61,7 +64,10 @@ def test_signalled_job_saves_requeues_resumes_and_finishes(tmp_path: Path) -> No
     job_id = submitted.stdout.strip().split(";")[0]
     try:
         losses = run_dir / "losses_rank0.txt"
-        _wait(lambda: any(step >= 20 for step, _ in read_losses(losses)), 180, "step 20 of the first attempt")
+        if signal_at_step:
+            _wait(lambda: any(step >= signal_at_step for step, _ in read_losses(losses)), 180, "the signal step")
+        else:
+            _wait(lambda: _job_field(job_id, "JobState") == "RUNNING", 60, "the job to start")
         # What `--signal=B:USR1@SECONDS` does before the time limit, delivered now.
         subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
         signalled = time.monotonic()
@@ -74,11 +80,15 @@ def test_signalled_job_saves_requeues_resumes_and_finishes(tmp_path: Path) -> No
     output = log.read_text()
     assert "batch shell got SIGUSR1" in output
     assert re.search(r"restart 1:", output), output[-3000:]
-    assert "resuming from" in output, output[-3000:]
+    if signal_at_step:
+        assert "resuming from" in output, output[-3000:]
     # Without the release job the requeued job would wait ~120 s in Reason=BeginTime.
     assert restarted_after < 110, f"requeued job started {restarted_after:.0f} s after the signal"
     saved = re.search(r"preemption signal: saving step (\d+), then requeue", output)
-    assert saved is not None and 0 < int(saved.group(1)) < MAX_STEPS, output[-3000:]
+    if signal_at_step:
+        assert saved is not None and signal_at_step <= int(saved.group(1)) < MAX_STEPS, output[-3000:]
+    else:  # either Python was not up yet (the shell requeued) or it saved at its first step
+        assert "requeueing it from the batch shell" in output or saved is not None, output[-3000:]
     steps = [step for step, _ in read_losses(run_dir / "losses_rank0.txt")]
     assert set(steps) == set(range(1, MAX_STEPS + 1))
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
