@@ -211,6 +211,7 @@ def prepare(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     argv = sys.argv[1:] if argv is None else argv
+    replaced_handlers: dict = {}
     try:
         if argv and argv[0] == "prepare":
             prepare(argv[1:])
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] == "fit":
             # Held as a flag from now on: a pre-timeout signal that arrives while the model and data are
             # built is acted on at the first step (PreemptionHandler) instead of killing the process.
-            preemption.install_signal_flags([signal.SIGUSR1])
+            replaced_handlers = preemption.install_signal_flags([signal.SIGUSR1])
         PretrainCLI(
             PretrainModule,
             PretrainDataModule,
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingHaltedError as error:
         print(f"sdmoe-train: training stopped: {error}", file=sys.stderr)
         raise SystemExit(1) from error
+    finally:
+        preemption.restore_signal_handlers(replaced_handlers)
 
 
 if __name__ == "__main__":

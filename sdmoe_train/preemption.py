@@ -19,6 +19,7 @@ import shlex
 import signal
 import subprocess
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,29 @@ def parse_signal(name: str) -> signal.Signals:
         raise ValueError(f"unknown signal {name!r}; use e.g. SIGUSR1, SIGUSR2, SIGTERM or SIGINT") from None
 
 
-def install_signal_flags(signals: list[signal.Signals]) -> None:
-    """Makes each signal set a flag instead of running its default action (usually: terminate)."""
+def install_signal_flags(signals: list[signal.Signals]) -> dict[signal.Signals, Any]:
+    """Makes each signal set a flag instead of running its default action (usually: terminate).
+
+    Returns:
+        The handlers that were replaced, for :func:`restore_signal_handlers`.
+    """
+    previous = {}
     for signum in signals:
-        if signal.getsignal(signum) is not _record:
+        current = signal.getsignal(signum)
+        if current is not _record:
+            previous[signum] = current
             signal.signal(signum, _record)
+    return previous
+
+
+def restore_signal_handlers(previous: dict[signal.Signals, Any]) -> None:
+    """Puts back handlers returned by :func:`install_signal_flags` and forgets those signals' flags.
+
+    None stands for a handler installed outside Python; it becomes the default action.
+    """
+    for signum, handler in previous.items():
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        _received.pop(signum, None)
 
 
 def signal_flags_installed(signum: signal.Signals) -> bool:

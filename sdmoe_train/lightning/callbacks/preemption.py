@@ -65,11 +65,15 @@ class PreemptionHandler(L.Callback):
         self.release_requeued = release_requeued
         self.stopped_for: Literal["requeue", "stop"] | None = None
         self._checked_step = -1
+        self._replaced_handlers: dict = {}
         # Installed at once: a signal that arrives while the model is built must not kill the process.
         self._install()
 
     def _install(self) -> None:
-        preemption.install_signal_flags([self.requeue_signal, *self.stop_signals])
+        replaced = preemption.install_signal_flags([self.requeue_signal, *self.stop_signals])
+        # Keep the handlers from before the first install (the trainer's own are restored by the trainer).
+        for signum, handler in replaced.items():
+            self._replaced_handlers.setdefault(signum, handler)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         environment = trainer._accelerator_connector.cluster_environment
@@ -103,6 +107,8 @@ class PreemptionHandler(L.Callback):
         trainer.should_stop = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        preemption.restore_signal_handlers(self._replaced_handlers)
+        self._replaced_handlers = {}
         if self.stopped_for != "requeue" or not trainer.is_global_zero or self.requeue == "never":
             return
         job_id = preemption.current_slurm_job()
