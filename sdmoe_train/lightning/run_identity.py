@@ -4,7 +4,8 @@ A resumed run rebuilds the model from its own recipe and then loads the checkpoi
 changed recipe either fails deep inside ``load_state_dict`` with a shape error or, worse, loads and
 trains on silently different token ids. :func:`check_resume_compatibility` runs before any tensor is
 loaded and lists every difference. Optimizer, schedule, data files and trainer settings may change on
-resume (a longer run, a lower learning rate) and are not compared.
+resume (a longer run, a lower learning rate) and are not compared, nor are SD-MoE settings that do not
+change the model's tensors (see ``SDMOE_LAYOUT_FIELDS``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def run_identity(arch: Any, sdmoe: Any, datamodule: Any | None) -> dict[str, Any
     Returns:
         ``{"arch": {...}, "sdmoe": {...}, "tokenizer": {"vocab_size", "sha256"}}`` (tokenizer only when known).
     """
-    identity: dict[str, Any] = {"arch": _plain(arch), "sdmoe": _plain(sdmoe)}
+    identity: dict[str, Any] = {"arch": _plain(arch), "sdmoe": _sdmoe_layout(sdmoe)}
     tokenizer = getattr(datamodule, "tokenizer_identity", None)
     if tokenizer is not None:
         identity["tokenizer"] = tokenizer
@@ -58,7 +59,7 @@ def check_resume_compatibility(checkpoint: dict[str, Any], current: dict[str, An
                 f"checkpoint {path} has no model architecture ('arch' hyper-parameter): it was not written by "
                 "sdmoe-train fit; resume from a checkpoint of this run, or start from weights with model.init_from"
             )
-        saved = {"arch": _plain(hparams["arch"]), "sdmoe": _plain(hparams.get("sdmoe"))}
+        saved = {"arch": _plain(hparams["arch"]), "sdmoe": _sdmoe_layout(hparams.get("sdmoe"))}
     differences = [
         f"{key}: checkpoint {old!r} != recipe {new!r}"
         for section in ("arch", "sdmoe", "tokenizer")
@@ -72,6 +73,18 @@ def check_resume_compatibility(checkpoint: dict[str, Any], current: dict[str, An
             "model and tokenizer settings, or start a new run (new checkpoint directory, or model.init_from to "
             "reuse only the weights)"
         )
+
+
+SDMOE_LAYOUT_FIELDS = ("enabled", "rank", "matrices")
+"""SD-MoE settings that decide which tensors exist; refresh interval, strictness, SVD method and seed
+only steer training and may change on resume (the seed only matters for a fresh initialisation)."""
+
+
+def _sdmoe_layout(sdmoe: Any) -> dict[str, Any] | None:
+    settings = _plain(sdmoe)
+    if not isinstance(settings, dict):
+        return None
+    return {name: settings.get(name) for name in SDMOE_LAYOUT_FIELDS}
 
 
 def _plain(value: Any) -> Any:
