@@ -58,6 +58,7 @@ def test_sigkill_then_auto_resume_reproduces_every_step_loss_bitwise(tmp_path: P
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert final["global_step"] == MAX_STEPS
     assert len(final["rng_states"]) == devices
+    assert any(key.startswith("NonFiniteGuard") for key in final["callbacks"]), "callback state is not saved"
 
 
 @pytest.mark.slow
