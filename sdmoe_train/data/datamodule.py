@@ -23,6 +23,7 @@ continued with a larger one. Validation batches are never counted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import warnings
@@ -104,6 +105,12 @@ class PretrainDataModule(L.LightningDataModule):
     def vocab_size(self) -> int:
         """Vocabulary size of the tokenizer, special tokens included."""
         return self.tokenizer.get_vocab_size()
+
+    @property
+    def tokenizer_identity(self) -> dict[str, Any]:
+        """Vocabulary size and SHA-256 of the serialized tokenizer; checkpoints record it (see run_identity)."""
+        serialized = self.tokenizer.to_str().encode()
+        return {"vocab_size": self.vocab_size, "sha256": hashlib.sha256(serialized).hexdigest()}
 
     @property
     def eos_token_id(self) -> int:

@@ -5,8 +5,6 @@ Training is an explicit, separate step (``sdmoe-train prepare``); the data modul
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from sdmoe_train.data.config import DataConfig, data_format, resolve_data_files
 from sdmoe_train.data.documents import load_documents, load_file_documents
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.io import write_text_atomically
 
 EOS_TOKEN = "<|endoftext|>"
 """End-of-document token of tokenizers trained here (GPT-2 / Qwen spelling)."""
@@ -81,30 +80,14 @@ def _train_on(documents: Iterable[dict], vocab_size: int, output_path: Path) -> 
         show_progress=False,
     )
     tokenizer.train_from_iterator(_texts(documents), trainer=trainer)
-    _save_atomically(tokenizer, output_path)
+    # A crash while writing must not leave a truncated tokenizer.json that a later run would load.
+    write_text_atomically(output_path, tokenizer.to_str())
     return tokenizer
 
 
 def _texts(documents: Iterable[dict]) -> Iterator[str]:
     for document in documents:
         yield document["text"] or ""
-
-
-def _save_atomically(tokenizer: Tokenizer, path: Path) -> None:
-    # A crash while writing must not leave a truncated tokenizer.json that a later run would load.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(tokenizer.to_str())
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp makes the file private (0600); a tokenizer is shared like any other output.
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 import yaml
 
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.io import atomic_path, copy_file_atomically, write_text_atomically
 from sdmoe_train.lightning.module import MODEL_PREFIX, model_state
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
 from sdmoe_train.models.hf_export import HFArchitecture
@@ -137,14 +137,16 @@ def import_checkpoint(
         f"# Architecture imported from {Path(hf_dir).resolve()} ({detect_hf_architecture(settings)}{upcycled}).\n"
         "# Training-only settings (balancing losses, bias update rate) are defaults; set them for your run.\n"
     )
-    (out / IMPORTED_ARCH_FILE).write_text(header + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    arch_yaml = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    write_text_atomically(out / IMPORTED_ARCH_FILE, header + arch_yaml)
     checkpoint = {
         "state_dict": {MODEL_PREFIX + key: value for key, value in model.state_dict().items()},
         "hyper_parameters": {"arch": config},
         "pytorch-lightning_version": importlib.metadata.version("lightning"),
     }
-    torch.save(checkpoint, out / IMPORTED_WEIGHTS_FILE)
+    with atomic_path(out / IMPORTED_WEIGHTS_FILE) as temp:
+        torch.save(checkpoint, temp)
     for name in TOKENIZER_FILES:
         if (Path(hf_dir) / name).is_file():
-            shutil.copy2(Path(hf_dir) / name, out / name)
+            copy_file_atomically(Path(hf_dir) / name, out / name)
     return out / IMPORTED_WEIGHTS_FILE

@@ -34,6 +34,7 @@ from torchmetrics.text import Perplexity
 
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
+from sdmoe_train.lightning.run_identity import IDENTITY_KEY, check_resume_compatibility, run_identity
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
 from sdmoe_train.models.transformer import MoEAux, Transformer
 from sdmoe_train.moe.sdmoe import (
@@ -245,6 +246,11 @@ class PretrainModule(L.LightningModule):
         # W_u is not touched between here and the step (the closure only runs forward/backward).
         update_reference = strict_update_reference(self.model) if self.sdmoe.enabled else None
         super().optimizer_step(*args, **kwargs)
+        if not any(p.grad is not None for p in self.parameters()):
+            # NonFiniteGuard dropped every gradient: the step changed nothing, so neither do the biases.
+            self._load_since_step_LE = None
+            self._log_throughput()
+            return
         if self._load_since_step_LE is not None:
             global_load_LE = self.trainer.strategy.reduce(self._load_since_step_LE, reduce_op="sum")
             self.model.update_routing_biases(global_load_LE)
@@ -257,6 +263,9 @@ class PretrainModule(L.LightningModule):
         if self.ssmoe.enabled and refresh_every and (self.trainer.global_step + 1) % refresh_every == 0:
             refresh_spectral_routers(self.model)
         self._log_throughput()
+
+    def _run_identity(self) -> dict[str, Any]:
+        return run_identity(self.arch, self.sdmoe, getattr(self._trainer, "datamodule", None))
 
     def _log_throughput(self) -> None:
         tokens = self._tokens_since_step * self.trainer.world_size
@@ -307,11 +316,15 @@ class PretrainModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sdmoe_train"] = {"tokens_seen": self.tokens_seen}
+        checkpoint["sdmoe_train"] = {"tokens_seen": self.tokens_seen, IDENTITY_KEY: self._run_identity()}
         if self.ssmoe.enabled:
             checkpoint["sdmoe_train"]["ssmoe_rows"] = list(self.ssmoe.rows_settings())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before any tensor is loaded (Lightning calls this hook first), so a changed recipe is reported
+        # as a list of differences instead of a shape error.
+        if self._trainer is not None:
+            check_resume_compatibility(checkpoint, self._run_identity(), self._trainer.ckpt_path)
         self.tokens_seen = checkpoint.get("sdmoe_train", {}).get("tokens_seen", 0)
         # Not the `ssmoe` hyper-parameter: `load_from_checkpoint(..., ssmoe=...)` overwrites that one.
         saved_rows = checkpoint.get("sdmoe_train", {}).get("ssmoe_rows")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.io import atomic_path, copy_file_atomically, write_text_atomically
 from sdmoe_train.models.config import TransformerConfig
 from sdmoe_train.models.hf_export import HFArchitecture, detect_architecture, hf_config, to_hf_state_dict
 from sdmoe_train.models.hf_import import config_from_hf, detect_hf_architecture, from_hf_state_dict, key_layout
@@ -76,12 +76,13 @@ def save_safetensors(tensors: dict[str, Tensor], out_dir: Path, max_shard_size: 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, keys in zip(names, shards, strict=True):
         # safetensors refuses tensors that share storage (the per-expert views of one bank); copy per shard.
-        save_file({k: tensors[k].detach().contiguous().clone() for k in keys}, str(out_dir / name), {"format": "pt"})
+        with atomic_path(out_dir / name) as temp:
+            save_file({k: tensors[k].detach().contiguous().clone() for k in keys}, str(temp), {"format": "pt"})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map = {key: name for name, keys in zip(names, shards, strict=True) for key in keys}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        write_text_atomically(out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
     return [out_dir / name for name in names]
 
 
@@ -110,11 +111,13 @@ def copy_tokenizer(source: str | Path, out_dir: Path, config: TransformerConfig)
     source = Path(source).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     if source.is_dir():
-        copied = [shutil.copy2(source / name, out_dir / name) for name in TOKENIZER_FILES if (source / name).is_file()]
+        copied = [
+            copy_file_atomically(source / name, out_dir / name) for name in TOKENIZER_FILES if (source / name).is_file()
+        ]
         if not copied:
             raise ConfigError(f"--tokenizer={str(source)!r}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) there")
     elif source.is_file():
-        copied = [shutil.copy2(source, out_dir / "tokenizer.json")]
+        copied = [copy_file_atomically(source, out_dir / "tokenizer.json")]
     else:
         raise ConfigError(f"--tokenizer={str(source)!r} does not exist; give a tokenizer.json or its directory")
     if not (out_dir / "tokenizer_config.json").is_file():
@@ -128,7 +131,7 @@ def copy_tokenizer(source: str | Path, out_dir: Path, config: TransformerConfig)
         eos = next((token for token in EOS_CANDIDATES if tokenizer.token_to_id(token) is not None), None)
         if eos is not None:
             settings["eos_token"] = eos
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        write_text_atomically(out_dir / "tokenizer_config.json", json.dumps(settings, indent=2) + "\n")
         copied.append(out_dir / "tokenizer_config.json")
     return [Path(p) for p in copied]
 
@@ -163,7 +166,7 @@ def export_model(
     tensors = to_hf_state_dict(model.state_dict(), config, arch)
     out = Path(out_dir)
     save_safetensors(tensors, out, max_shard_size)
-    (out / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    write_text_atomically(out / CONFIG_FILE, json.dumps(settings, indent=2) + "\n")
     if tokenizer is not None:
         copy_tokenizer(tokenizer, out, config)
     return arch

@@ -1,0 +1,214 @@
+"""Bad input fails fast, before any training step, with exit code 2 and a message naming the problem and fix.
+
+Each case is one :class:`BadInput`: the extra `fit` arguments (or a setup that damages a copy of the
+prepared run) and the phrases the error must contain. Add a case by appending to ``BAD_INPUTS``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdmoe_train.cli import main
+from tests.integration.training_runs import write_tiny_recipe
+
+
+@dataclass
+class Prepared:
+    """A prepared recipe whose run already wrote checkpoints (2 steps)."""
+
+    root: Path
+    recipe: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "run" / "checkpoints"
+
+    def copy_to(self, destination: Path) -> Path:
+        """Copies the run into ``destination`` and returns a recipe pointing there."""
+        shutil.copytree(self.root / "run", destination / "run")
+        recipe = destination / "recipe.yaml"
+        recipe.write_text(self.recipe.read_text().replace(str(self.root / "run"), str(destination / "run")))
+        return recipe
+
+
+@dataclass
+class BadInput:
+    name: str
+    args: list[str] = field(default_factory=list)
+    expected: list[str] = field(default_factory=list)
+    setup: Callable[[Prepared, Path], list[str]] | None = None
+    """Builds damaged files under the case's tmp_path and returns extra arguments (may replace --config)."""
+
+
+def _corrupt_newest(prepared: Prepared, tmp_path: Path, truncate: bool) -> list[str]:
+    recipe = prepared.copy_to(tmp_path)
+    newest = tmp_path / "run" / "checkpoints" / "epoch=0-step=2.ckpt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2] if truncate else data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    return ["--config", str(recipe), "--ckpt_path", str(newest)]
+
+
+def _garbage_file(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    path.write_bytes(b"\x00not what you think\xff" * 10)
+    return path
+
+
+def _other_tokenizer(prepared: Prepared, tmp_path: Path) -> list[str]:
+    recipe = prepared.copy_to(tmp_path)
+    from tests.corpora import make_documents, make_tokenizer
+
+    path, _ = make_tokenizer(tmp_path / "other", make_documents(count=6, seed=3))
+    cache = tmp_path / "other_cache"
+    main(["prepare", "--config", str(recipe), f"--data.corpus.tokenizer={path}", f"--data.corpus.cache_dir={cache}"])
+    return ["--config", str(recipe), f"--data.corpus.tokenizer={path}", f"--data.corpus.cache_dir={cache}"]
+
+
+def _empty_documents(prepared: Prepared, tmp_path: Path) -> list[str]:
+    for index in range(3):
+        (tmp_path / f"empty_{index}.txt").write_text("")
+    return [f"--data.corpus.data_files=[{tmp_path}/empty_*.txt]", f"--data.corpus.cache_dir={tmp_path / 'cache'}"]
+
+
+def _broken_manifest(prepared: Prepared, tmp_path: Path) -> list[str]:
+    recipe = prepared.copy_to(tmp_path)
+    (tmp_path / "run" / "checkpoints" / "manifest.json").write_text("{not json")
+    return ["--config", str(recipe)]
+
+
+def _all_checkpoints_damaged(prepared: Prepared, tmp_path: Path) -> list[str]:
+    recipe = prepared.copy_to(tmp_path)
+    for checkpoint in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
+        checkpoint.write_bytes(checkpoint.read_bytes()[:64])
+    return ["--config", str(recipe)]
+
+
+BAD_INPUTS = [
+    BadInput("top_k_above_experts", ["--model.arch.moe.top_k=9"], ["moe.top_k=9", "[1, moe.num_experts=4]"]),
+    BadInput("unknown_key", ["--model.arch.moe.num_expertz=4"], ["num_expertz"]),
+    BadInput("bad_choice", ["--model.arch.moe.score_fn=tanh"], ["score_fn", "softmax"]),
+    BadInput("batch_size_zero", ["--data.batch_size=0"], ["batch_size=0", ">= 1"]),
+    BadInput("negative_workers", ["--data.num_workers=-1"], ["num_workers=-1", ">= 0"]),
+    BadInput("seq_len_zero", ["--data.corpus.seq_len=0"], ["seq_len=0", ">= 1"]),
+    BadInput("val_fraction_one", ["--data.corpus.val_fraction=1.0"], ["val_fraction=1.0", "[0, 1)"]),
+    BadInput("vocab_below_bytes", ["--data.corpus.vocab_size=100"], ["vocab_size=100", ">= 257"]),
+    BadInput("no_data_source", ["--data.corpus.data_files=[]"], ["give exactly one"]),
+    BadInput("unknown_extension", ["--data.corpus.data_files=[corpus/*.csv]"], ["'corpus/*.csv'", "must end in"]),
+    BadInput("missing_data", ["--data.corpus.data_files=[/nonexistent/*.txt]"], ["matches no file", "fix the path"]),
+    BadInput("empty_data", expected=["needs at least 33", "add documents"], setup=_empty_documents),
+    BadInput("missing_tokenizer", ["--data.corpus.tokenizer=/nonexistent/tok.json"], ["no tokenizer file", "prepare"]),
+    BadInput(
+        "unreadable_tokenizer",
+        expected=["not a readable tokenizer.json"],
+        setup=lambda prepared, tmp: [f"--data.corpus.tokenizer={_garbage_file(tmp, 'tokenizer.json')}"],
+    ),
+    BadInput("model_vocab_below_tokenizer", ["--model.arch.vocab_size=200"], ["vocab_size=200", "set model.arch"]),
+    BadInput("warmup_past_max_steps", ["--model.optim.warmup_steps=50"], ["warmup_steps=50", "max_steps"]),
+    BadInput("negative_lr", ["--model.optim.lr=-1"], ["optim.lr=-1", "positive"]),
+    BadInput("missing_init_from", ["--model.init_from=/nonexistent.ckpt"], ["init_from", "is not a file"]),
+    BadInput(
+        "unreadable_init_from",
+        expected=["init_from", "not a readable checkpoint"],
+        setup=lambda prepared, tmp: [f"--model.init_from={_garbage_file(tmp, 'weights.ckpt')}"],
+    ),
+    BadInput("missing_ckpt_path", ["--ckpt_path=/nonexistent/step.ckpt"], ["does not exist", "earlier checkpoint"]),
+    BadInput(
+        "truncated_ckpt_path",
+        expected=["epoch=0-step=2.ckpt", "truncated"],
+        setup=lambda prepared, tmp: _corrupt_newest(prepared, tmp, truncate=True),
+    ),
+    BadInput(
+        "corrupt_ckpt_path",
+        expected=["epoch=0-step=2.ckpt", "SHA-256", "corrupted"],
+        setup=lambda prepared, tmp: _corrupt_newest(prepared, tmp, truncate=False),
+    ),
+    BadInput(
+        "resume_with_other_model",
+        ["--model.arch.hidden_dim=48", "--model.arch.moe.num_experts=8"],
+        [
+            "2 setting(s)",
+            "arch.hidden_dim: checkpoint 32 != recipe 48",
+            "arch.moe.num_experts: checkpoint 4 != recipe 8",
+        ],
+    ),
+    BadInput(
+        "explicit_ckpt_path_with_other_model",
+        expected=["arch.hidden_dim: checkpoint 32 != recipe 48"],
+        setup=lambda prepared, tmp: [f"--ckpt_path={prepared.checkpoints / 'last.ckpt'}", "--model.arch.hidden_dim=48"],
+    ),
+    BadInput(
+        "resume_with_other_sdmoe", ["--model.sdmoe.rank=2"], ["sdmoe.rank: checkpoint 4 != recipe 2", "init_from"]
+    ),
+    BadInput("resume_with_other_tokenizer", expected=["tokenizer.sha256", "tokenizer"], setup=_other_tokenizer),
+    BadInput("broken_manifest", expected=["manifest.json", "not readable", "--ckpt_path"], setup=_broken_manifest),
+    BadInput(
+        "all_checkpoints_damaged", expected=["no checkpoint", "verifies", "afresh"], setup=_all_checkpoints_damaged
+    ),
+    BadInput(
+        "keep_last_k_zero",
+        [
+            "--trainer.callbacks+=sdmoe_train.lightning.callbacks.PeriodicCheckpoint",
+            "--trainer.callbacks.keep_last_k=0",
+        ],
+        ["keep_last_k=0", ">= 1"],
+    ),
+    BadInput(
+        "nonfinite_limit_zero",
+        [
+            "--trainer.callbacks+=sdmoe_train.lightning.callbacks.NonFiniteGuard",
+            "--trainer.callbacks.max_consecutive=0",
+        ],
+        ["max_consecutive=0", ">= 1"],
+    ),
+    BadInput(
+        "unknown_requeue_signal",
+        [
+            "--trainer.callbacks+=sdmoe_train.lightning.callbacks.PreemptionHandler",
+            "--trainer.callbacks.requeue_signal=SIGFOO",
+        ],
+        ["SIGFOO", "SIGUSR1"],
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    root = tmp_path_factory.mktemp("prepared")
+    recipe = write_tiny_recipe(root, max_steps=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["sdmoe-train"])
+        main(["fit", "--config", str(recipe), "--validate_before_fit=false", "--trainer.max_steps=2"])
+    assert (root / "run" / "checkpoints" / "epoch=0-step=2.ckpt").is_file()
+    # Later cases resume this finished run; give them room for more steps.
+    settings = yaml.safe_load(recipe.read_text())
+    settings["trainer"]["max_steps"] = 6
+    recipe.write_text(yaml.safe_dump(settings))
+    return Prepared(root, recipe)
+
+
+def test_there_are_at_least_twenty_bad_input_cases() -> None:
+    assert len({case.name for case in BAD_INPUTS}) == len(BAD_INPUTS) >= 20
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda case: case.name)
+def test_bad_input_fails_fast_naming_problem_and_fix(
+    case: BadInput, prepared: Prepared, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = case.setup(prepared, tmp_path) if case.setup else []
+    capsys.readouterr()
+    argv = ["fit", "--config", str(prepared.recipe), *case.args, *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2, error[-2000:]
+    for phrase in case.expected:
+        assert phrase in error, f"{phrase!r} missing from:\n{error[-2000:]}"
+    losses = prepared.root / "run" / "losses_rank0.txt"
+    assert max(int(line.split()[0]) for line in losses.read_text().splitlines()) == 2, "a training step ran"

@@ -1,0 +1,96 @@
+"""A real single-node Slurm: submit a short training job, deliver the pre-timeout signal, and check that
+the job saves, requeues itself, is released from Slurm's BeginTime hold, resumes and finishes.
+
+Needs slurmctld + slurmd on this machine; one command sets them up and runs this test:
+``make test-slurm`` (``slurm/install_local_slurm.sh install && ... start``, then pytest).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.loss_recorder import read_losses
+from tests.integration.training_runs import REPO, subprocess_env, write_tiny_recipe
+
+MAX_STEPS = 300
+
+
+def _slurm_up() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    return subprocess.run(["scontrol", "ping"], capture_output=True, text=True).stdout.count("UP") > 0
+
+
+def _job_field(job_id: str, field: str) -> str | None:
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    match = re.search(rf"\b{field}=(\S+)", shown)
+    return match.group(1) if match else None
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _slurm_up(), reason="no Slurm here; run `make test-slurm` (installs a local one)")
+@pytest.mark.parametrize("signal_at_step", [20, 0], ids=["mid_training", "at_job_start"])
+def test_signalled_job_saves_requeues_resumes_and_finishes(tmp_path: Path, signal_at_step: int) -> None:
+    """``signal_at_step=0`` sends the signal as soon as the job runs, before Python has started: the
+    earliest a coarse Slurm timer can deliver it. Then the batch shell requeues (nothing to save yet)."""
+    recipe = write_tiny_recipe(tmp_path, max_steps=MAX_STEPS, every_n_steps=50)
+    run_dir = tmp_path / "run"
+    log = tmp_path / "slurm.out"
+    env = {**subprocess_env(), "PYTHON": sys.executable}
+    submitted = subprocess.run(
+        [
+            "sbatch", "--parsable", "--cpus-per-task=1", "--time=10", f"--output={log}",
+            str(REPO / "slurm" / "single_node.sbatch"), str(recipe), "--validate_before_fit=false",
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        losses = run_dir / "losses_rank0.txt"
+        if signal_at_step:
+            _wait(lambda: any(step >= signal_at_step for step, _ in read_losses(losses)), 180, "the signal step")
+        else:
+            _wait(lambda: _job_field(job_id, "JobState") == "RUNNING", 60, "the job to start")
+        # What `--signal=B:USR1@SECONDS` does before the time limit, delivered now.
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+        signalled = time.monotonic()
+        _wait(lambda: (_job_field(job_id, "Restarts") or "0") != "0", 120, "the requeue")
+        _wait(lambda: _job_field(job_id, "JobState") in ("RUNNING", "COMPLETED"), 200, "the requeued job to start")
+        restarted_after = time.monotonic() - signalled
+        _wait(lambda: _job_field(job_id, "JobState") == "COMPLETED", 300, "the requeued job to finish")
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    output = log.read_text()
+    assert "batch shell got SIGUSR1" in output
+    assert re.search(r"restart 1:", output), output[-3000:]
+    if signal_at_step:
+        assert "resuming from" in output, output[-3000:]
+    # Without the release job the requeued job would wait ~120 s in Reason=BeginTime.
+    assert restarted_after < 110, f"requeued job started {restarted_after:.0f} s after the signal"
+    saved = re.search(r"preemption signal: saving step (\d+), then requeue", output)
+    if signal_at_step:
+        assert saved is not None and signal_at_step <= int(saved.group(1)) < MAX_STEPS, output[-3000:]
+    else:  # either Python was not up yet (the shell requeued) or it saved at its first step
+        assert "requeueing it from the batch shell" in output or saved is not None, output[-3000:]
+    steps = [step for step, _ in read_losses(run_dir / "losses_rank0.txt")]
+    assert set(steps) == set(range(1, MAX_STEPS + 1))
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == MAX_STEPS
+    print(f"requeued job restarted {restarted_after:.1f} s after the signal")
