@@ -120,7 +120,9 @@ def test_plain_checkpoint_and_init_from_get_u_from_the_loaded_weights(tmp_path: 
 
     for ssmoe in (SSMoEConfig(enabled=True, c=0.0), SSMoEConfig(enabled=True, c=0.0, variant="unique")):
         loaded = PretrainModule.load_from_checkpoint(tmp_path / "plain.ckpt", ssmoe=ssmoe)
-        started = PretrainModule(_arch(), OPTIM, SDMoEConfig(enabled=True, rank=4), str(tmp_path / "plain.ckpt"), ssmoe)
+        started = PretrainModule(
+            _arch(), OPTIM, SDMoEConfig(enabled=True, rank=4), str(tmp_path / "plain.ckpt"), ssmoe=ssmoe
+        )
         for candidate in (loaded, started):
             for rows, fresh in zip(_rows(candidate), _fresh_rows(candidate), strict=True):
                 assert torch.equal(rows, fresh) and rows.abs().sum() > 0
