@@ -167,6 +167,8 @@ BAD_INPUTS = [
         ],
         ["max_consecutive=0", ">= 1"],
     ),
+    BadInput("ep_size_not_dividing_experts", ["--model.parallel.ep_size=3"], ["ep_size=3", "moe.num_experts=4"]),
+    BadInput("ep_size_not_dividing_world_size", ["--model.parallel.ep_size=2"], ["ep_size=2", "world size 1"]),
     BadInput(
         "unknown_requeue_signal",
         [
