@@ -1,5 +1,15 @@
 """Lightning callbacks, one per file."""
 
 from sdmoe_train.lightning.callbacks.checkpoint import PeriodicCheckpoint
+from sdmoe_train.lightning.callbacks.gate_alignment import GateAlignmentMonitor
+from sdmoe_train.lightning.callbacks.gradient_alignment import GradientAlignmentMonitor
+from sdmoe_train.lightning.callbacks.routing_health import RoutingHealthMonitor
+from sdmoe_train.lightning.callbacks.spectral_overlap import SpectralOverlapMonitor
 
-__all__ = ["PeriodicCheckpoint"]
+__all__ = [
+    "GateAlignmentMonitor",
+    "GradientAlignmentMonitor",
+    "PeriodicCheckpoint",
+    "RoutingHealthMonitor",
+    "SpectralOverlapMonitor",
+]
