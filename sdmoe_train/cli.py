@@ -4,7 +4,8 @@
 :class:`PretrainModule` and :class:`PretrainDataModule`; ``sdmoe-train prepare --config RECIPE.yaml``
 trains the tokenizer (when missing) and builds the token cache of the recipe's ``data`` section without
 building a model. Unknown keys and invalid values are rejected while the recipe is parsed.
-``sdmoe-train export|import`` convert to and from Hugging Face checkpoints (:mod:`sdmoe_train.hf_cli`).
+``sdmoe-train export|import`` convert to and from Hugging Face checkpoints (:mod:`sdmoe_train.hf_cli`);
+``sdmoe-train report RUN_DIR`` writes a run's dashboard (:mod:`sdmoe_train.report.cli`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sdmoe_train import hf_cli
 from sdmoe_train.data import PretrainDataModule, build_token_cache, load_tokenizer, train_corpus_tokenizer
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.module import PretrainModule
+from sdmoe_train.report import cli as report_cli
 
 USAGE_EPILOG = """\
 data preparation:
@@ -136,13 +138,16 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] in ("export", "import"):
             hf_cli.run(argv[0], argv[1:])
             return
+        if argv and argv[0] == "report":
+            report_cli.run(argv[1:])
+            return
         PretrainCLI(
             PretrainModule,
             PretrainDataModule,
             args=argv,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"epilog": USAGE_EPILOG + hf_cli.USAGE_EPILOG},
+            parser_kwargs={"epilog": USAGE_EPILOG + hf_cli.USAGE_EPILOG + report_cli.USAGE_EPILOG},
         )
     except ConfigError as error:
         # Bad user input gets its message, not a traceback through Lightning internals.

@@ -139,11 +139,10 @@ def heatmap_svg(
     rows, columns = len(values), len(values[0]) if values else 0
     left, top = 44, 34
     width = max(left + columns * cell + 60, 8 * len(title) + 20)
-    height = top + rows * cell + 30
+    height = top + rows * cell + 8
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" {_FONT}>']
     parts.append(f'<text x="4" y="14" font-weight="bold">{escape(title)}</text>')
-    parts.append(f'<text x="{left}" y="28">{escape(column_label)} →</text>')
-    parts.append(f'<text x="4" y="{top + rows * cell + 16}">↑ {escape(row_label)}</text>')
+    parts.append(f'<text x="4" y="28">{escape(row_label)} ↓  {escape(column_label)} →</text>')
     span = (high - low) or 1.0
     for r, row in enumerate(values):
         parts.append(f'<text x="{left - 4}" y="{top + r * cell + cell / 2 + 4}" text-anchor="end">{r}</text>')
