@@ -195,3 +195,35 @@ def test_monitor_state_survives_checkpoint_and_resume(tmp_path: Path) -> None:
     for key in monitored:
         assert actual[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
     assert straight.global_step == 3
+
+
+def test_with_wandb_the_monitors_log_scalars_and_svg_heatmap_panels_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("wandb")
+    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = L.pytorch.loggers.WandbLogger(project="monitor-test", save_dir=str(tmp_path), offline=True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=_monitors(every=2),
+    )
+    trainer.fit(_module(enabled=True, rank=4), train_dataloaders=_loader())
+    logger.experiment.finish()
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = run_dir / "files" / "media" / "html"
+    panels = sorted(str(path.relative_to(media)) for path in media.rglob("*.html"))
+    assert any(name.startswith("spectral_figures/unique_gate/layer_00_") for name in panels), panels[:5]
+    assert any(name.startswith("gate_figures/hidden_alignment/layer_01_") for name in panels), panels[:5]
+    assert any(name.startswith("routing_figures/load_fraction/layer_00_") for name in panels), panels[:5]
+    assert "<svg" in next(media.rglob("*.html")).read_text()
+    (records,) = run_dir.glob("run-*.wandb")  # the offline log `wandb sync` uploads later
+    assert b"spectral/unique_overlap_mean" in records.read_bytes()
+    assert b"routing/load_entropy/layer_01" in records.read_bytes()
