@@ -162,7 +162,10 @@ class PretrainModule(L.LightningModule):
     def _record_routing(self, moe: MoEAux) -> None:
         self.last_routing = moe
         load_LE = moe.tokens_per_expert_LE.detach()
-        self._load_since_step_LE = load_LE if self._load_since_step_LE is None else self._load_since_step_LE + load_LE
+        # A copy: the step's all-reduce of these counts works in place and must not alter `last_routing`.
+        self._load_since_step_LE = (
+            load_LE.clone() if self._load_since_step_LE is None else self._load_since_step_LE + load_LE
+        )
         self.log("train/moe_aux_loss", moe.loss)
         per_layer = {
             "load_balance_loss": moe.load_balance_loss_L,

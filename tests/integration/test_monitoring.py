@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +27,7 @@ from sdmoe_train.lightning.callbacks.monitor import FIGURES_FILE
 from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.lightning.optim import OptimConfig
 from sdmoe_train.moe.sdmoe import SDMoEConfig
+from tests.integration import monitor_ddp
 from tests.integration.sdmoe_ddp import SEQ, VOCAB, tiny_arch
 
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=2, schedule="constant")
@@ -227,3 +231,25 @@ def test_with_wandb_the_monitors_log_scalars_and_svg_heatmap_panels_offline(
     (records,) = run_dir.glob("run-*.wandb")  # the offline log `wandb sync` uploads later
     assert b"spectral/unique_overlap_mean" in records.read_bytes()
     assert b"routing/load_entropy/layer_01" in records.read_bytes()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_logs_routing_loads_summed_over_ranks_from_rank_zero(tmp_path: Path) -> None:
+    script = Path(monitor_ddp.__file__)
+    root = script.parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    # A deadlock (ranks disagreeing on a collective) would show as a timeout here.
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, cwd=root, env=env, timeout=300)
+    counts_RSLE = torch.stack([torch.load(tmp_path / f"counts_rank{rank}.pt") for rank in range(2)])
+    assert not torch.equal(counts_RSLE[0], counts_RSLE[1]), "the ranks should see different tokens"
+    logged = _logged(tmp_path / "logs")
+    for step in (2, 4):
+        window_LE = counts_RSLE[:, step - 2 : step].sum(dim=(0, 1)).double()
+        expected_LE = window_LE / window_LE.sum(dim=-1, keepdim=True)
+        for layer in range(2):
+            for expert in range(8):
+                key = f"routing/load_fraction/layer_{layer:02d}/expert_{expert:02d}"
+                assert logged[step][key] == pytest.approx(expected_LE[layer, expert].item(), abs=1e-6), (step, key)
+        for layer in range(2):
+            assert logged[step][f"routing/token_copies/layer_{layer:02d}"] == window_LE[layer].sum().item()
+        assert "gate/hidden_top1_share" in logged[step] and "gradient/alignment_mean" in logged[step]

@@ -102,6 +102,7 @@ def test_routing_health_sums_micro_batches_reduces_over_ranks_and_logs_known_val
     assert metrics["routing/z_loss/layer_01"] == pytest.approx(2.0)  # mean over the interval's micro-batches
     assert metrics["routing/dead_expert_fraction"] == pytest.approx(0.375)
     assert metrics["routing/bias_abs_mean/layer_00"] == 0.0
+    assert metrics["routing/token_copies/layer_00"] == 2 * 8  # two micro-batches, summed over two "ranks"
     # Counts summed over "ranks" (x2) before the statistics, losses averaged: two reductions per interval.
     assert monitor.state_dict()["counts_LE"].tolist() == [[8, 0, 0, 0], [1, 1, 1, 1]]  # the next interval's
     assert trainer.strategy.calls == ["reduce:sum", "reduce:mean", "reduce:mean", "reduce:mean"]

@@ -109,12 +109,14 @@ class IntervalMonitor(L.Callback):
         ).tolist()
         metrics = dict(zip(scalars, values, strict=True))
         figures = [Figure(f.name, f.values.detach().float().cpu(), f.row_label, f.column_label) for f in figures]
+        # `Trainer.log_dir` broadcasts rank 0's answer: every rank must ask, or rank 0 waits forever.
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if figures:
-            _append_figures(Path(trainer.log_dir or trainer.default_root_dir) / FIGURES_FILE, step, figures)
+            _append_figures(log_dir / FIGURES_FILE, step, figures)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     _log_wandb_figures(logger, step, figures)

@@ -23,7 +23,8 @@ class RoutingHealthMonitor(IntervalMonitor):
 
     Logged per monitored layer (``routing/<quantity>/layer_NN``) and as a mean over the monitored layers
     (``routing/<quantity>``): ``load_entropy`` (entropy / log E), ``load_cv`` (coefficient of variation),
-    ``max_mean_load``, ``dead_expert_fraction``, the interval means of ``load_balance_loss``,
+    ``max_mean_load``, ``dead_expert_fraction``, ``token_copies`` (routed token copies in the interval, all
+    ranks; tokens per expert = load fraction × this), the interval means of ``load_balance_loss``,
     ``seq_balance_loss`` and ``z_loss``, and ``bias_abs_mean`` (aux-loss-free balancing biases). With
     ``per_expert`` also ``routing/load_fraction/layer_NN/expert_EE`` and ``routing/bias/layer_NN/expert_EE``.
     Figures: the load fractions of each layer as a bar chart.
@@ -79,6 +80,7 @@ class RoutingHealthMonitor(IntervalMonitor):
             "load_cv": health.coefficient_of_variation_L,
             "max_mean_load": health.max_over_mean_L,
             "dead_expert_fraction": health.dead_fraction_L,
+            "token_copies": counts_LE.sum(dim=-1).float(),
         }
         for name, sums_L in self._loss_sums.items():
             per_layer[name] = strategy.reduce(sums_L / self._micro_batches, reduce_op="mean")
