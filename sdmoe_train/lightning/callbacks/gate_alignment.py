@@ -12,6 +12,7 @@ from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
+from sdmoe_train.lightning.callbacks.spectral_overlap import expert_matrices
 from sdmoe_train.moe.diagnostics import gate_alignment, top_direction_share, top_right_singular_vectors
 
 
@@ -79,7 +80,7 @@ class GateAlignmentMonitor(IntervalMonitor):
         figures: list[Figure] = []
         summaries: dict[str, list[Tensor]] = {}
         for index, layer in self.monitored:
-            gate_EFD, up_EFD, _ = layer.experts.expert_weights()
+            gate_EFD, up_EFD = (expert_matrices(layer.experts, matrix)["proxy"] for matrix in ("gate", "up"))
             sources = {
                 "hidden": hidden[index],
                 "experts": torch.cat((gate_EFD, up_EFD), dim=1).flatten(0, 1),

@@ -20,9 +20,10 @@ SIDES = ("left", "right")
 
 def expert_matrices(bank: Any, matrix: MatrixType) -> dict[str, Tensor]:
     """The (E, M, N) stacks to compare for one matrix type: ``proxy`` always, ``unique`` when SD-MoE splits it."""
-    gate_EFD, up_EFD, down_EDF = bank.expert_weights()
-    parts = {"proxy": {"gate": gate_EFD, "up": up_EFD, "down": down_EDF}[matrix]}
-    if isinstance(bank, DecoupledExpertBank) and matrix in bank.decomposed:
+    if not isinstance(bank, DecoupledExpertBank):
+        return {"proxy": getattr(bank, f"{matrix}_proj")}
+    parts = {"proxy": bank.proxy(matrix)}
+    if matrix in bank.decomposed:
         parts["unique"] = bank.parts(matrix)[1]
     return parts
 
