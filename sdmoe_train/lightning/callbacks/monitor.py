@@ -108,7 +108,6 @@ class IntervalMonitor(L.Callback):
             [torch.as_tensor(value, device=device).detach().float().reshape(()) for value in scalars.values()]
         ).tolist()
         metrics = dict(zip(scalars, values, strict=True))
-        figures = [Figure(f.name, f.values.detach().float().cpu(), f.row_label, f.column_label) for f in figures]
         # `Trainer.log_dir` broadcasts rank 0's answer: every rank must ask, or rank 0 waits forever.
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
@@ -116,6 +115,7 @@ class IntervalMonitor(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if figures:
+            figures = [Figure(f.name, f.values.detach().float().cpu(), f.row_label, f.column_label) for f in figures]
             _append_figures(log_dir / FIGURES_FILE, step, figures)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
