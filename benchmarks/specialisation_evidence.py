@@ -27,7 +27,7 @@ import yaml
 from reporting import environment, write_result
 
 from sdmoe_train.report.dashboard import read_run, write_dashboard
-from sdmoe_train.report.svg import line_chart_svg
+from sdmoe_train.report.svg import heatmap_svg, line_chart_svg
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {"baseline": "recipes/tiny_qwen_cpu.yaml", "sdmoe": "recipes/tiny_qwen_cpu_sdmoe.yaml"}
@@ -42,6 +42,11 @@ FIGURES = {
     "gate_alignment": ("gate: top-direction share (probe hidden states)", "gate/hidden_top1_share"),
     "load_entropy": ("load entropy / log E", "routing/load_entropy"),
 }
+HEATMAPS = {
+    "baseline": ["spectral/proxy_up/layer_01", "gate/experts_alignment/layer_01"],
+    "sdmoe": ["spectral/unique_up/layer_01", "spectral/proxy_up/layer_01", "gate/experts_alignment/layer_01"],
+}
+"""Latest-step matrices drawn as separate figures: expert overlap and router-row cosines."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--val-batches", type=int, default=16, help="validation batches per validation")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/specialisation_evidence"))
     parser.add_argument("--out", type=Path, default=None, help="also write the summary JSON here")
+    parser.add_argument("--report-only", action="store_true", help="skip training; rebuild the report from OUT_DIR")
     return parser.parse_args()
 
 
@@ -88,7 +94,7 @@ def train(arm: str, args: argparse.Namespace) -> float:
 def main() -> None:
     args = parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    seconds = {arm: train(arm, args) for arm in ARMS}
+    seconds = {} if args.report_only else {arm: train(arm, args) for arm in ARMS}
     run_dirs = [args.out_dir / arm for arm in ARMS]
     dashboard = write_dashboard(run_dirs, args.out_dir / "comparison.html", [LABELS[arm] for arm in ARMS])
     runs = {arm: read_run(args.out_dir / arm, LABELS[arm]) for arm in ARMS}
@@ -102,6 +108,12 @@ def main() -> None:
             if arm_metric in run.scalars:
                 series[run.label] = run.scalars[arm_metric]
         (figures_dir / f"{name}.svg").write_text(line_chart_svg(series, title, y_label=metric or "overlap"))
+    for arm, run in runs.items():
+        for name in HEATMAPS[arm]:
+            record = run.figures[name]
+            title = f"{run.label}: {name} (step {record['step']})"
+            svg = heatmap_svg(record["values"], title, record["row_label"], record["column_label"])
+            (figures_dir / f"{arm}_{name.replace('/', '_')}.svg").write_text(svg)
     headline = [
         "val/loss",
         "spectral/proxy_overlap_mean",
