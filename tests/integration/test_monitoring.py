@@ -204,7 +204,8 @@ def test_monitor_state_survives_checkpoint_and_resume(tmp_path: Path) -> None:
 def test_with_wandb_the_monitors_log_scalars_and_svg_heatmap_panels_offline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
+    wandb.finish()  # WandbLogger would otherwise reuse a run an earlier test left open
     for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(variable, str(tmp_path / "wandb-home"))
     monkeypatch.setenv("WANDB_MODE", "offline")
