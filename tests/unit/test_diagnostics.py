@@ -53,7 +53,8 @@ def test_partly_shared_subspaces_measure_the_shared_share() -> None:
     assert similarity_EE[0, 1].item() == pytest.approx(0.25, abs=1e-5)
 
 
-def test_top_singular_subspaces_find_planted_left_and_right_subspaces() -> None:
+@pytest.mark.parametrize("method", ["full", "lowrank"])
+def test_top_singular_subspaces_find_planted_left_and_right_subspaces(method: str) -> None:
     # Experts 0 and 1 share their dominant left directions but not their right ones; expert 2 shares nothing.
     shared_left = _orthonormal(24, 3, seed=0)
     rights = _orthonormal(40, 9, seed=1)
@@ -69,7 +70,7 @@ def test_top_singular_subspaces_find_planted_left_and_right_subspaces() -> None:
             _with_bases(own_left, rights[:, 6:9], singular),
         ]
     )
-    left_EMR, right_ENR = top_singular_subspaces(matrices_EMN + noise, rank=3)
+    left_EMR, right_ENR = top_singular_subspaces(matrices_EMN + noise, rank=3, method=method)
     left_EE, right_EE = subspace_similarity(left_EMR), subspace_similarity(right_ENR)
     assert left_EE[0, 1].item() == pytest.approx(1.0, abs=1e-3)
     assert left_EE[0, 2].item() == pytest.approx(0.0, abs=1e-3)
@@ -125,3 +126,19 @@ def test_load_health_of_uniform_one_hot_and_known_loads() -> None:
     population_std = torch.tensor([3.0, 1, 0, 0]).std(correction=0).item()
     torch.testing.assert_close(health.coefficient_of_variation_L, torch.tensor([0.0, math.sqrt(3), population_std]))
     torch.testing.assert_close(health.load_fraction_LE[2], torch.tensor([0.75, 0.25, 0.0, 0.0]))
+
+
+def test_lowrank_subspaces_match_the_full_svd_and_leave_the_global_rng_alone() -> None:
+    generator = torch.Generator().manual_seed(5)
+    # Decaying spectra, as trained weights have: the top-4 subspace is well separated.
+    left_EMX = torch.linalg.qr(torch.randn(6, 40, 24, generator=generator)).Q
+    right_ENX = torch.linalg.qr(torch.randn(6, 56, 24, generator=generator)).Q
+    spectrum_X = 0.7 ** torch.arange(24.0)
+    matrices_EMN = (left_EMX * spectrum_X) @ right_ENX.transpose(-2, -1)
+    state = torch.random.get_rng_state()
+    low_left, low_right = top_singular_subspaces(matrices_EMN, 4, method="lowrank")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    full_left, full_right = top_singular_subspaces(matrices_EMN, 4, method="full")
+    for low, full in ((low_left, full_left), (low_right, full_right)):
+        projector_error = low @ low.transpose(-2, -1) - full @ full.transpose(-2, -1)
+        assert projector_error.abs().max() < 1e-3

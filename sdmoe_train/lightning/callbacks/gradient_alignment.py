@@ -12,7 +12,13 @@ from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
-from sdmoe_train.lightning.callbacks.spectral_overlap import SIDES, check_rank, side_similarities
+from sdmoe_train.lightning.callbacks.spectral_overlap import (
+    SIDES,
+    SVDMethod,
+    check_rank,
+    check_svd_method,
+    side_similarities,
+)
 from sdmoe_train.moe.diagnostics import common_energy_share, off_diagonal_mean_max, top_singular_subspaces
 from sdmoe_train.moe.sdmoe import MATRIX_TYPES, DecoupledExpertBank, MatrixType
 
@@ -28,7 +34,7 @@ def proxy_gradient(bank: Any, matrix: MatrixType) -> Tensor | None:
     return getattr(bank, f"{matrix}_proj").grad
 
 
-def common_bases(bank: Any, matrix: MatrixType, rank: int) -> tuple[Tensor, Tensor]:
+def common_bases(bank: Any, matrix: MatrixType, rank: int, svd: SVDMethod) -> tuple[Tensor, Tensor]:
     """(U_k, V_k) of the layer's common subspace for one matrix type.
 
     SD-MoE: the bank's own bases. Vanilla MoE, which has no common part: the top-k singular subspaces of the
@@ -37,7 +43,7 @@ def common_bases(bank: Any, matrix: MatrixType, rank: int) -> tuple[Tensor, Tens
     if isinstance(bank, DecoupledExpertBank) and matrix in bank.decomposed:
         _, _, left_MK, right_NK = bank.parts(matrix)
         return left_MK, right_NK
-    return top_singular_subspaces(getattr(bank, f"{matrix}_proj").mean(dim=0), rank)
+    return top_singular_subspaces(getattr(bank, f"{matrix}_proj").mean(dim=0), rank, svd)
 
 
 class GradientAlignmentMonitor(IntervalMonitor):
@@ -62,6 +68,7 @@ class GradientAlignmentMonitor(IntervalMonitor):
         rank: r of the gradient subspaces compared.
         common_rank: k of the vanilla model's common subspace (SD-MoE uses its own bases).
         matrices: expert matrix types to measure.
+        svd: ``lowrank`` (batched randomised SVD, fixed seed) or ``full`` (batched ``torch.linalg.svd``).
     """
 
     def __init__(
@@ -72,8 +79,10 @@ class GradientAlignmentMonitor(IntervalMonitor):
         rank: int = 8,
         common_rank: int = 8,
         matrices: list[MatrixType] | None = None,
+        svd: SVDMethod = "lowrank",
     ) -> None:
         super().__init__(every_n_steps, layers)
+        self.svd = check_svd_method(type(self).__name__, svd)
         if not 1 <= window <= every_n_steps:
             raise ConfigError(
                 f"GradientAlignmentMonitor.window={window} must lie in [1, every_n_steps={every_n_steps}]"
@@ -134,14 +143,14 @@ class GradientAlignmentMonitor(IntervalMonitor):
                 grads_EMN = self._sums.get(f"{index}.{matrix}")
                 if grads_EMN is None:
                     continue
-                similarities = dict(zip(SIDES, side_similarities(grads_EMN, self.rank), strict=True))
+                similarities = dict(zip(SIDES, side_similarities(grads_EMN, self.rank, self.svd), strict=True))
                 for side, similarity_EE in similarities.items():
                     mean, largest = off_diagonal_mean_max(similarity_EE)
                     scalars[f"gradient/{matrix}_{side}_alignment_mean/{layer_name(index)}"] = mean
                     scalars[f"gradient/{matrix}_{side}_alignment_max/{layer_name(index)}"] = largest
                     summaries.setdefault("gradient/alignment_mean", []).append(mean)
                     summaries.setdefault("gradient/alignment_max", []).append(largest)
-                left_MK, right_NK = common_bases(layer.experts, matrix, self.common_rank)
+                left_MK, right_NK = common_bases(layer.experts, matrix, self.common_rank, self.svd)
                 share = common_energy_share(grads_EMN, left_MK, right_NK).mean()
                 scalars[f"gradient/{matrix}_common_energy_share/{layer_name(index)}"] = share
                 summaries.setdefault("gradient/common_energy_share", []).append(share)

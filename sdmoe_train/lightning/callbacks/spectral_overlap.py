@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -16,6 +16,14 @@ from sdmoe_train.moe.diagnostics import off_diagonal_mean_max, subspace_similari
 from sdmoe_train.moe.sdmoe import MATRIX_TYPES, DecoupledExpertBank, MatrixType
 
 SIDES = ("left", "right")
+SVDMethod = Literal["lowrank", "full"]
+
+
+def check_svd_method(monitor: str, svd: str) -> SVDMethod:
+    """The method, or ConfigError naming the valid ones."""
+    if svd not in ("lowrank", "full"):
+        raise ConfigError(f"{monitor}.svd={svd!r} must be 'lowrank' or 'full'")
+    return svd  # type: ignore[return-value]
 
 
 def expert_matrices(bank: Any, matrix: MatrixType) -> dict[str, Tensor]:
@@ -42,6 +50,8 @@ class SpectralOverlapMonitor(IntervalMonitor):
         layers: block indices to monitor (None: every MoE layer).
         rank: r, the subspace dimension (the SD-MoE common rank k is the natural choice).
         matrices: expert matrix types to measure.
+        svd: ``lowrank`` (batched randomised SVD, fixed seed) or ``full`` (batched ``torch.linalg.svd``, ~40x
+            the cost on 512 x 512 experts); see :func:`~sdmoe_train.moe.diagnostics.top_singular_subspaces`.
     """
 
     def __init__(
@@ -50,9 +60,11 @@ class SpectralOverlapMonitor(IntervalMonitor):
         layers: list[int] | None = None,
         rank: int = 8,
         matrices: list[MatrixType] | None = None,
+        svd: SVDMethod = "lowrank",
     ) -> None:
         super().__init__(every_n_steps, layers)
         self.rank = rank
+        self.svd = check_svd_method(type(self).__name__, svd)
         self.matrices: list[MatrixType] = list(MATRIX_TYPES) if matrices is None else list(matrices)
         unknown = [matrix for matrix in self.matrices if matrix not in MATRIX_TYPES]
         if unknown or not self.matrices:
@@ -80,7 +92,7 @@ class SpectralOverlapMonitor(IntervalMonitor):
         for index, layer in self.monitored:
             for matrix in self.matrices:
                 for part, weights_EMN in expert_matrices(layer.experts, matrix).items():
-                    similarities = dict(zip(SIDES, side_similarities(weights_EMN, self.rank), strict=True))
+                    similarities = dict(zip(SIDES, side_similarities(weights_EMN, self.rank, self.svd), strict=True))
                     for side, similarity_EE in similarities.items():
                         mean, largest = off_diagonal_mean_max(similarity_EE)
                         scalars[f"spectral/{part}_{matrix}_{side}_overlap_mean/{layer_name(index)}"] = mean
@@ -95,9 +107,9 @@ class SpectralOverlapMonitor(IntervalMonitor):
         return scalars, figures
 
 
-def side_similarities(matrices_EMN: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def side_similarities(matrices_EMN: Tensor, rank: int, svd: SVDMethod) -> tuple[Tensor, Tensor]:
     """E×E ``sim`` of the left and of the right top-r singular subspaces (one batched SVD)."""
-    left_EMR, right_ENR = top_singular_subspaces(matrices_EMN, rank)
+    left_EMR, right_ENR = top_singular_subspaces(matrices_EMN, rank, svd)
     return subspace_similarity(left_EMR), subspace_similarity(right_ENR)
 
 
