@@ -57,6 +57,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--val-batches", type=int, default=16, help="validation batches per validation")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/specialisation_evidence"))
     parser.add_argument("--out", type=Path, default=None, help="also write the summary JSON here")
+    parser.add_argument(
+        "--svd",
+        choices=["full", "lowrank"],
+        default="full",
+        help="factorisation of the overlap and gradient monitors (tiny experts: the exact one is cheap)",
+    )
     parser.add_argument("--report-only", action="store_true", help="skip training; rebuild the report from OUT_DIR")
     return parser.parse_args()
 
@@ -78,6 +84,8 @@ def arm_recipe(arm: str, args: argparse.Namespace) -> Path:
             callback["init_args"]["every_n_steps"] = args.every
             if "window" in callback["init_args"]:
                 callback["init_args"]["window"] = min(callback["init_args"]["window"], args.every)
+            if callback["class_path"].endswith(("SpectralOverlapMonitor", "GradientAlignmentMonitor")):
+                callback["init_args"]["svd"] = args.svd
     path = args.out_dir / f"{arm}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
