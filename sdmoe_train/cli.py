@@ -6,6 +6,7 @@ trains the tokenizer (when missing) and builds the token cache of the recipe's `
 building a model. Unknown keys and invalid values are rejected while the recipe is parsed.
 ``sdmoe-train export|import`` convert to and from Hugging Face checkpoints (:mod:`sdmoe_train.hf_cli`);
 ``sdmoe-train ssmoe-eval`` compares a checkpoint with SSMoE off and on (:mod:`sdmoe_train.ssmoe_cli`).
+``sdmoe-train report RUN_DIR`` writes a run's dashboard (:mod:`sdmoe_train.report.cli`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sdmoe_train.io import write_text_atomically
 from sdmoe_train.io.checkpoints import newest_valid_checkpoint, verify_checkpoint
 from sdmoe_train.lightning.callbacks import NonFiniteGuard, PeriodicCheckpoint, PreemptionHandler
 from sdmoe_train.lightning.module import PretrainModule
+from sdmoe_train.report import cli as report_cli
 
 USAGE_EPILOG = """\
 data preparation:
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] == "ssmoe-eval":
             ssmoe_cli.run(argv[1:])
             return
+        if argv and argv[0] == "report":
+            report_cli.run(argv[1:])
+            return
         if argv and argv[0] == "fit":
             # Held as a flag from now on: a pre-timeout signal that arrives while the model and data are
             # built is acted on at the first step (PreemptionHandler) instead of killing the process.
@@ -233,7 +238,9 @@ def main(argv: list[str] | None = None) -> None:
             args=argv,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"epilog": USAGE_EPILOG + hf_cli.USAGE_EPILOG + ssmoe_cli.USAGE_EPILOG},
+            parser_kwargs={
+                "epilog": "".join((USAGE_EPILOG, hf_cli.USAGE_EPILOG, ssmoe_cli.USAGE_EPILOG, report_cli.USAGE_EPILOG))
+            },
         )
     except ConfigError as error:
         # Bad user input gets its message, not a traceback through Lightning internals.

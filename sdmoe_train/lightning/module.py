@@ -163,6 +163,8 @@ class PretrainModule(L.LightningModule):
         self.tokens_seen = 0
         self._load_since_step_LE: Tensor | None = None
         self._val_load_LE: Tensor | None = None
+        self.last_routing: MoEAux | None = None
+        """Routing record of the latest training micro-batch, read by the routing-health monitor."""
         self._tokens_since_step = 0
         self._last_step_time = time.perf_counter()
 
@@ -211,8 +213,12 @@ class PretrainModule(L.LightningModule):
         return loss
 
     def _record_routing(self, moe: MoEAux) -> None:
+        self.last_routing = moe
         load_LE = moe.tokens_per_expert_LE.detach()
-        self._load_since_step_LE = load_LE if self._load_since_step_LE is None else self._load_since_step_LE + load_LE
+        # A copy: the step's all-reduce of these counts works in place and must not alter `last_routing`.
+        self._load_since_step_LE = (
+            load_LE.clone() if self._load_since_step_LE is None else self._load_since_step_LE + load_LE
+        )
         self.log("train/moe_aux_loss", moe.loss)
         per_layer = {
             "load_balance_loss": moe.load_balance_loss_L,

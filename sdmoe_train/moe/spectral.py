@@ -111,6 +111,25 @@ def _factors(
     return outer_EM2K, inner_E2KN
 
 
+def common_subspace_part(matrix_EMN: Tensor, left_MK: Tensor, right_NK: Tensor) -> Tensor:
+    """``P_U G + G P_V − P_U G P_V``: the part of each matrix that touches the common subspace, in >= fp32.
+
+    ``G`` minus this is the unique-part projection of spec §4, so ``‖result‖² / ‖G‖²`` is the share of G's
+    energy inside the common subspace (the gradient diagnostic of spec §8).
+
+    Args:
+        matrix_EMN: matrices (any leading batch shape), left unchanged.
+        left_MK: U_k.
+        right_NK: V_k.
+
+    Returns:
+        Tensor of ``matrix_EMN``'s shape.
+    """
+    work_EMN = _working(matrix_EMN)
+    outer_EM2K, inner_E2KN = _touching_part_factors(work_EMN, left_MK.to(work_EMN.dtype), right_NK.to(work_EMN.dtype))
+    return outer_EM2K @ inner_E2KN
+
+
 @torch.no_grad()
 def project_unique_gradient_(grad_EMN: Tensor, left_MK: Tensor, right_NK: Tensor) -> None:
     """In place: ``G_u[i] = (I − P_U) G_i (I − P_V)`` for every expert (spec §4), in fp32 or wider.

@@ -1,0 +1,171 @@
+"""Gradient-subspace alignment between experts, and gradient energy in the common subspace (spec §8)."""
+
+# Shape key: E experts, M matrix rows (out), N matrix columns (in), K common rank.
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from sdmoe_train.errors import ConfigError
+from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
+from sdmoe_train.lightning.callbacks.spectral_overlap import (
+    SIDES,
+    SVDMethod,
+    check_rank,
+    check_svd_method,
+    side_similarities,
+)
+from sdmoe_train.moe.diagnostics import common_energy_share, off_diagonal_mean_max, top_singular_subspaces
+from sdmoe_train.moe.sdmoe import MATRIX_TYPES, DecoupledExpertBank, MatrixType
+
+
+def proxy_gradient(bank: Any, matrix: MatrixType) -> Tensor | None:
+    """Each expert's gradient of its applied weight W[i] (E, M, N), as autograd left it.
+
+    For an SD-MoE type that is the gradient of the unique part W_u[i] before the spec §4 projection (the
+    proxy is ``W_c + W_u[i]``), so it must be read before ``PretrainModule.on_before_optimizer_step`` runs.
+    """
+    if isinstance(bank, DecoupledExpertBank) and matrix in bank.decomposed:
+        return bank.parts(matrix)[1].grad
+    return getattr(bank, f"{matrix}_proj").grad
+
+
+def common_bases(bank: Any, matrix: MatrixType, rank: int, svd: SVDMethod) -> tuple[Tensor, Tensor]:
+    """(U_k, V_k) of the layer's common subspace for one matrix type.
+
+    SD-MoE: the bank's own bases. Vanilla MoE, which has no common part: the top-k singular subspaces of the
+    experts' mean weight, the direction all experts share (our definition, so that both arms get a number).
+    """
+    if isinstance(bank, DecoupledExpertBank) and matrix in bank.decomposed:
+        _, _, left_MK, right_NK = bank.parts(matrix)
+        return left_MK, right_NK
+    return top_singular_subspaces(getattr(bank, f"{matrix}_proj").mean(dim=0), rank, svd)
+
+
+class GradientAlignmentMonitor(IntervalMonitor):
+    """E×E similarity of the experts' gradient subspaces over a window, plus their common-subspace energy.
+
+    The per-expert gradients ``G_i`` of the last ``window`` optimizer steps of every interval are summed on
+    the device (after gradient accumulation and the data-parallel all-reduce, before SD-MoE's projection,
+    clipping and the step: Lightning runs callbacks' ``on_before_optimizer_step`` before the module's). At
+    the interval's last step the sums are measured like the weights in
+    :class:`~sdmoe_train.lightning.callbacks.spectral_overlap.SpectralOverlapMonitor`. Logged:
+    ``gradient/<type>_<side>_alignment_{mean,max}/layer_NN``, ``gradient/<type>_common_energy_share/layer_NN``
+    (mean over experts of ``‖G_i − G_u[i]‖² / ‖G_i‖²``, see :func:`common_bases` for the vanilla subspace),
+    and the means over layers and types ``gradient/alignment_{mean,max}``, ``gradient/common_energy_share``.
+    Figures: the side-averaged E×E matrix per (type, layer).
+
+    The window holds one copy of every monitored expert gradient; restrict ``layers`` on large models.
+
+    Args:
+        every_n_steps: optimizer steps per interval.
+        window: optimizer steps at the end of each interval whose gradients are summed (<= every_n_steps).
+        layers: block indices to monitor (None: every MoE layer).
+        rank: r of the gradient subspaces compared.
+        common_rank: k of the vanilla model's common subspace (SD-MoE uses its own bases).
+        matrices: expert matrix types to measure.
+        svd: ``lowrank`` (batched randomised SVD, fixed seed) or ``full`` (batched ``torch.linalg.svd``).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        window: int = 8,
+        layers: list[int] | None = None,
+        rank: int = 8,
+        common_rank: int = 8,
+        matrices: list[MatrixType] | None = None,
+        svd: SVDMethod = "lowrank",
+    ) -> None:
+        super().__init__(every_n_steps, layers)
+        self.svd = check_svd_method(type(self).__name__, svd)
+        if not 1 <= window <= every_n_steps:
+            raise ConfigError(
+                f"GradientAlignmentMonitor.window={window} must lie in [1, every_n_steps={every_n_steps}]"
+            )
+        self.window = window
+        self.rank = rank
+        self.common_rank = common_rank
+        self.matrices: list[MatrixType] = list(MATRIX_TYPES) if matrices is None else list(matrices)
+        unknown = [matrix for matrix in self.matrices if matrix not in MATRIX_TYPES]
+        if unknown or not self.matrices:
+            raise ConfigError(
+                f"GradientAlignmentMonitor.matrices={self.matrices} must be a non-empty subset of {list(MATRIX_TYPES)}"
+            )
+        self._sums: dict[str, Tensor] = {}
+        self._steps_summed = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        bank = self.monitored[0][1].experts
+        check_rank(type(self).__name__, self.rank, bank, self.matrices)
+        check_rank(f"{type(self).__name__}.common", self.common_rank, bank, self.matrices)
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        steps_after_this = -(trainer.global_step + 1) % self.every_n_steps
+        if steps_after_this >= self.window:
+            return
+        with torch.no_grad():
+            for index, layer in self.monitored:
+                for matrix in self.matrices:
+                    grad_EMN = proxy_gradient(layer.experts, matrix)
+                    if grad_EMN is None:
+                        continue
+                    key = f"{index}.{matrix}"
+                    total = self._sums.get(key)
+                    self._sums[key] = (
+                        grad_EMN.float().clone() if total is None else total.to(grad_EMN.device) + grad_EMN
+                    )
+        self._steps_summed += 1
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.interval_completed(trainer) and self._sums:
+            scalars, figures = self.measure()
+            self.publish(trainer, scalars, figures)
+            self._sums, self._steps_summed = {}, 0
+
+    @torch.no_grad()
+    def measure(self) -> tuple[dict[str, Tensor | float], list[Figure]]:
+        """Alignment statistics and matrices of the summed window gradients."""
+        scalars: dict[str, Tensor | float] = {}
+        figures: list[Figure] = []
+        summaries: dict[str, list[Tensor]] = {}
+        for index, layer in self.monitored:
+            for matrix in self.matrices:
+                grads_EMN = self._sums.get(f"{index}.{matrix}")
+                if grads_EMN is None:
+                    continue
+                similarities = dict(zip(SIDES, side_similarities(grads_EMN, self.rank, self.svd), strict=True))
+                for side, similarity_EE in similarities.items():
+                    mean, largest = off_diagonal_mean_max(similarity_EE)
+                    scalars[f"gradient/{matrix}_{side}_alignment_mean/{layer_name(index)}"] = mean
+                    scalars[f"gradient/{matrix}_{side}_alignment_max/{layer_name(index)}"] = largest
+                    summaries.setdefault("gradient/alignment_mean", []).append(mean)
+                    summaries.setdefault("gradient/alignment_max", []).append(largest)
+                left_MK, right_NK = common_bases(layer.experts, matrix, self.common_rank, self.svd)
+                share = common_energy_share(grads_EMN, left_MK, right_NK).mean()
+                scalars[f"gradient/{matrix}_common_energy_share/{layer_name(index)}"] = share
+                summaries.setdefault("gradient/common_energy_share", []).append(share)
+                average_EE = (similarities["left"] + similarities["right"]) / 2
+                figures.append(
+                    Figure(f"gradient/alignment_{matrix}/{layer_name(index)}", average_EE, "expert", "expert")
+                )
+        scalars.update({name: torch.stack(values).mean() for name, values in summaries.items()})
+        scalars["gradient/window_steps"] = float(self._steps_summed)
+        return scalars, figures
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "sums": dict(self._sums), "steps_summed": self._steps_summed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._sums = dict(state_dict["sums"])
+        self._steps_summed = state_dict["steps_summed"]

@@ -1,0 +1,125 @@
+"""Parameter spectral overlap between the routed experts of each MoE layer (spec §8, our definition)."""
+
+# Shape key: E experts, M matrix rows (out), N matrix columns (in), R diagnostic rank.
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from sdmoe_train.errors import ConfigError
+from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
+from sdmoe_train.moe.diagnostics import off_diagonal_mean_max, subspace_similarity, top_singular_subspaces
+from sdmoe_train.moe.sdmoe import MATRIX_TYPES, DecoupledExpertBank, MatrixType
+
+SIDES = ("left", "right")
+SVDMethod = Literal["lowrank", "full"]
+
+
+def check_svd_method(monitor: str, svd: str) -> SVDMethod:
+    """The method, or ConfigError naming the valid ones."""
+    if svd not in ("lowrank", "full"):
+        raise ConfigError(f"{monitor}.svd={svd!r} must be 'lowrank' or 'full'")
+    return svd  # type: ignore[return-value]
+
+
+def expert_matrices(bank: Any, matrix: MatrixType) -> dict[str, Tensor]:
+    """The (E, M, N) stacks to compare for one matrix type: ``proxy`` always, ``unique`` when SD-MoE splits it."""
+    if not isinstance(bank, DecoupledExpertBank):
+        return {"proxy": getattr(bank, f"{matrix}_proj")}
+    parts = {"proxy": bank.proxy(matrix)}
+    if matrix in bank.decomposed:
+        parts["unique"] = bank.parts(matrix)[1]
+    return parts
+
+
+class SpectralOverlapMonitor(IntervalMonitor):
+    """E×E similarity ``sim(W[i], W[j]; r)`` of the experts' top-r singular subspaces, on both sides.
+
+    For every monitored layer and matrix type it compares the proxies ``W[i]`` (the weights tokens see) and,
+    with SD-MoE, the unique parts ``W_u[i]``; one batched fp32 SVD per (layer, type, part). Logged:
+    ``spectral/<part>_<type>_<side>_overlap_{mean,max}/layer_NN`` (mean and max over expert pairs) and the
+    mean over layers, types and sides ``spectral/<part>_overlap_{mean,max}``. Random r-dimensional subspaces
+    of R^m give about r/m. Figures: the side-averaged E×E matrix per (part, type, layer).
+
+    Args:
+        every_n_steps: optimizer steps between measurements.
+        layers: block indices to monitor (None: every MoE layer).
+        rank: r, the subspace dimension (the SD-MoE common rank k is the natural choice).
+        matrices: expert matrix types to measure.
+        svd: ``lowrank`` (batched randomised SVD, fixed seed) or ``full`` (batched ``torch.linalg.svd``, ~40x
+            the cost on 512 x 512 experts); see :func:`~sdmoe_train.moe.diagnostics.top_singular_subspaces`.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        layers: list[int] | None = None,
+        rank: int = 8,
+        matrices: list[MatrixType] | None = None,
+        svd: SVDMethod = "lowrank",
+    ) -> None:
+        super().__init__(every_n_steps, layers)
+        self.rank = rank
+        self.svd = check_svd_method(type(self).__name__, svd)
+        self.matrices: list[MatrixType] = list(MATRIX_TYPES) if matrices is None else list(matrices)
+        unknown = [matrix for matrix in self.matrices if matrix not in MATRIX_TYPES]
+        if unknown or not self.matrices:
+            raise ConfigError(
+                f"SpectralOverlapMonitor.matrices={self.matrices} must be a non-empty subset of {list(MATRIX_TYPES)}"
+            )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        check_rank(type(self).__name__, self.rank, self.monitored[0][1].experts, self.matrices)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.interval_completed(trainer):
+            scalars, figures = self.measure()
+            self.publish(trainer, scalars, figures)
+
+    @torch.no_grad()
+    def measure(self) -> tuple[dict[str, Tensor], list[Figure]]:
+        """Similarity statistics and matrices of the current weights."""
+        scalars: dict[str, Tensor] = {}
+        figures: list[Figure] = []
+        summaries: dict[str, list[Tensor]] = {}
+        for index, layer in self.monitored:
+            for matrix in self.matrices:
+                for part, weights_EMN in expert_matrices(layer.experts, matrix).items():
+                    similarities = dict(zip(SIDES, side_similarities(weights_EMN, self.rank, self.svd), strict=True))
+                    for side, similarity_EE in similarities.items():
+                        mean, largest = off_diagonal_mean_max(similarity_EE)
+                        scalars[f"spectral/{part}_{matrix}_{side}_overlap_mean/{layer_name(index)}"] = mean
+                        scalars[f"spectral/{part}_{matrix}_{side}_overlap_max/{layer_name(index)}"] = largest
+                        summaries.setdefault(f"spectral/{part}_overlap_mean", []).append(mean)
+                        summaries.setdefault(f"spectral/{part}_overlap_max", []).append(largest)
+                    average_EE = (similarities["left"] + similarities["right"]) / 2
+                    figures.append(
+                        Figure(f"spectral/{part}_{matrix}/{layer_name(index)}", average_EE, "expert", "expert")
+                    )
+        scalars.update({name: torch.stack(values).mean() for name, values in summaries.items()})
+        return scalars, figures
+
+
+def side_similarities(matrices_EMN: Tensor, rank: int, svd: SVDMethod) -> tuple[Tensor, Tensor]:
+    """E×E ``sim`` of the left and of the right top-r singular subspaces (one batched SVD)."""
+    left_EMR, right_ENR = top_singular_subspaces(matrices_EMN, rank, svd)
+    return subspace_similarity(left_EMR), subspace_similarity(right_ENR)
+
+
+def check_rank(monitor: str, rank: int, bank: Any, matrices: list[MatrixType]) -> None:
+    """Raise ConfigError unless ``rank`` is in [1, min(out, in)) of every measured expert matrix."""
+    gate_EFD, up_EFD, down_EDF = bank.expert_weights()
+    shapes = {"gate": gate_EFD.shape[1:], "up": up_EFD.shape[1:], "down": down_EDF.shape[1:]}
+    smallest = min(min(shapes[matrix]) for matrix in matrices)
+    if not 1 <= rank < smallest:
+        raise ConfigError(
+            f"{monitor}.rank={rank} must lie in [1, {smallest - 1}]: below the smaller side of every measured "
+            "expert matrix, or every subspace would be the whole space"
+        )
