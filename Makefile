@@ -57,8 +57,13 @@ demo: demo-corpus
 	rm -rf $(DEMO_RUN_DIR)
 	$(VENV)/bin/sdmoe-train fit --config $(DEMO_RECIPE)
 
+# glibc keeps freed tensors instead of returning them to the OS after every step (see README, Performance).
+BENCH_MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736
+
 bench: install
 	$(PY) benchmarks/moe_layer.py --out benchmarks/results/moe_layer.json
+	$(BENCH_MALLOC) $(PY) benchmarks/sdmoe_overhead.py --out benchmarks/results/sdmoe_overhead.json
+	$(BENCH_MALLOC) $(PY) benchmarks/callback_overhead.py --out benchmarks/results/callback_overhead.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,17 @@ from typing import Any
 import torch
 
 
-def environment() -> dict[str, str]:
-    """What the numbers were measured with."""
-    return {"torch": torch.__version__, "machine": platform.machine()}
+def environment() -> dict[str, str | None]:
+    """What the numbers were measured with.
+
+    ``GLIBC_TUNABLES`` is recorded because on CPU it changes step times: with glibc's defaults, memory freed
+    after each step goes back to the OS and the next step page-faults it in again.
+    """
+    return {
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+    }
 
 
 def write_result(result: dict[str, Any], out: Path | None) -> None:

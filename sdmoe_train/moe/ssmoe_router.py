@@ -292,6 +292,15 @@ def set_spectral_blend(model: nn.Module, c: float) -> None:
         router.blend = c
 
 
+def router_diagnostics(router: SpectralRouter) -> dict[str, Tensor]:
+    """One spectral router's spec §6 diagnostics that need no loads: row geometry and last-forward stats."""
+    values = dict(router.row_geometry)
+    if router.last_stats is not None:
+        values["spectral_entropy"] = router.last_stats.spectral_entropy
+        values["changed_share"] = router.last_stats.changed_share
+    return values
+
+
 def spectral_diagnostics(model: Transformer, tokens_per_expert_LE: Tensor | None = None) -> dict[str, Tensor]:
     """The spec §6 diagnostics of every spectral router, keyed ``ssmoe/<quantity>/layer_NN``.
 
@@ -311,10 +320,7 @@ def spectral_diagnostics(model: Transformer, tokens_per_expert_LE: Tensor | None
         router = layer.router
         if not isinstance(router, SpectralRouter):
             continue
-        values = dict(router.row_geometry)
-        if router.last_stats is not None:
-            values["spectral_entropy"] = router.last_stats.spectral_entropy
-            values["changed_share"] = router.last_stats.changed_share
+        values = router_diagnostics(router)
         if tokens_per_expert_LE is not None:
             health = load_health(tokens_per_expert_LE[position])
             values["load_entropy"] = health["load_entropy"]

@@ -27,6 +27,7 @@ from sdmoe_train.lightning.callbacks.monitor import FIGURES_FILE
 from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.lightning.optim import OptimConfig
 from sdmoe_train.moe.sdmoe import SDMoEConfig
+from sdmoe_train.moe.ssmoe_router import SSMoEConfig
 from tests.integration import monitor_ddp
 from tests.integration.sdmoe_ddp import SEQ, VOCAB, tiny_arch
 
@@ -121,6 +122,22 @@ def test_all_monitors_log_their_keys_every_interval_through_the_csv_logger(tmp_p
     assert (2, "routing/load_fraction/layer_01") in names
     heatmap = next(f for f in figures if f["name"] == "gradient/alignment_down/layer_01")
     assert len(heatmap["values"]) == 8 and all(len(row) == 8 for row in heatmap["values"])
+
+
+def test_routing_monitor_logs_the_ssmoe_diagnostics_of_spectral_routers(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = PretrainModule(tiny_arch(), OPTIM, ssmoe=SSMoEConfig(enabled=True, c=0.5))
+    _fit(tmp_path, module, max_steps=2, callbacks=[RoutingHealthMonitor(every_n_steps=2)])
+    metrics = _logged(tmp_path / "logs")[2]
+    for layer in ("layer_00", "layer_01"):
+        assert 0 < metrics[f"routing/ssmoe_spectral_entropy/{layer}"] <= 1
+        assert 0 <= metrics[f"routing/ssmoe_changed_share/{layer}"] <= 1
+        assert -1 <= metrics[f"routing/ssmoe_row_cos_mean/{layer}"] <= 1
+
+
+def test_routing_monitor_logs_no_ssmoe_diagnostics_for_learned_routers(tmp_path: Path) -> None:
+    _fit(tmp_path, _module(), max_steps=2, callbacks=[RoutingHealthMonitor(every_n_steps=2)])
+    assert not [key for key in _logged(tmp_path / "logs")[2] if "ssmoe" in key]
 
 
 def test_sdmoe_unique_parts_start_orthogonal_to_the_common_subspace_and_gradients_are_read_unprojected(

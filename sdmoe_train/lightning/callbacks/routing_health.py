@@ -12,6 +12,7 @@ from torch import Tensor
 
 from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
 from sdmoe_train.moe.diagnostics import load_health
+from sdmoe_train.moe.ssmoe_router import SpectralRouter, router_diagnostics
 
 
 class RoutingHealthMonitor(IntervalMonitor):
@@ -27,6 +28,9 @@ class RoutingHealthMonitor(IntervalMonitor):
     ranks; tokens per expert = load fraction × this), the interval means of ``load_balance_loss``,
     ``seq_balance_loss`` and ``z_loss``, and ``bias_abs_mean`` (aux-loss-free balancing biases). With
     ``per_expert`` also ``routing/load_fraction/layer_NN/expert_EE`` and ``routing/bias/layer_NN/expert_EE``.
+    Layers routed by SSMoE (``model.ssmoe``) add its diagnostics (ssmoe spec §6) as
+    ``routing/ssmoe_<quantity>/layer_NN``: ``row_cos_mean``, ``learned_cos_mean``, ``spectral_entropy`` and
+    ``changed_share`` (the loads above already count SSMoE's final selection).
     Figures: the load fractions of each layer as a bar chart.
 
     Args:
@@ -91,6 +95,10 @@ class RoutingHealthMonitor(IntervalMonitor):
             scalars[f"routing/{name}"] = values_L.mean()
             for (index, _), value in zip(self.monitored, values_L, strict=True):
                 scalars[f"routing/{name}/{layer_name(index)}"] = value
+        for index, layer in self.monitored:
+            if isinstance(layer.router, SpectralRouter):
+                for name, value in router_diagnostics(layer.router).items():
+                    scalars[f"routing/ssmoe_{name}/{layer_name(index)}"] = value
         figures = []
         for row, (index, _) in enumerate(self.monitored):
             figures.append(
