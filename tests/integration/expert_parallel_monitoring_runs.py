@@ -128,33 +128,28 @@ def measure_monitors(
     return measured
 
 
-def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, sdmoe: bool, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # two ranks on a 2-core machine
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         groups = build_expert_parallel_groups(world_size)
-        records = {}
-        for sdmoe in (False, True):
-            model = _build(sdmoe)
-            apply_expert_parallel(model, groups)
-            tokens_BS = global_batches()[0, rank::world_size, :-1]
-            records[sdmoe] = measure_monitors(model, tokens_BS, groups, _ProcessGroupStrategy())
-        torch.save(records, Path(out_dir) / f"rank{rank}.pt")
+        model = _build(sdmoe)
+        apply_expert_parallel(model, groups)
+        tokens_BS = global_batches()[0, rank::world_size, :-1]
+        record = measure_monitors(model, tokens_BS, groups, _ProcessGroupStrategy())
+        torch.save(record, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def spawn_measurements(tmp_path: Path, world_size: int = 2) -> list[dict[bool, Measurement]]:
-    """Each rank's measurements ({sdmoe: ...}) with every expert bank split over ``world_size`` ranks."""
+def spawn_measurements(tmp_path: Path, sdmoe: bool, world_size: int = 2) -> list[Measurement]:
+    """Each rank's measurements with every expert bank split over ``world_size`` ranks."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size)
+    mp.spawn(_worker, args=(world_size, sdmoe, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size)
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
 
 
-def single_process_measurements() -> dict[bool, Measurement]:
+def single_process_measurements(sdmoe: bool) -> Measurement:
     """The same measurements of the unsharded model on the whole batch in one process."""
     with _one_thread():
-        return {
-            sdmoe: measure_monitors(_build(sdmoe), global_batches()[0, :, :-1], None, _OneProcessStrategy())
-            for sdmoe in (False, True)
-        }
+        return measure_monitors(_build(sdmoe), global_batches()[0, :, :-1], None, _OneProcessStrategy())
