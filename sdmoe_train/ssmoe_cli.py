@@ -26,7 +26,8 @@ from sdmoe_train.data import PretrainDataModule
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.module import PretrainModule, language_model_loss
 from sdmoe_train.models.transformer import Transformer
-from sdmoe_train.moe.ssmoe_router import SSMoEConfig, load_health, set_spectral_blend, spectral_routers
+from sdmoe_train.moe.diagnostics import load_health
+from sdmoe_train.moe.ssmoe_router import SSMoEConfig, set_spectral_blend, spectral_routers
 
 USAGE_EPILOG = """\
 SSMoE evaluation:
@@ -77,10 +78,10 @@ def evaluate_blend(model: Transformer, batches: Iterable[Tensor]) -> dict[str, f
             entropy_sum += count * sum(float(r.last_stats.spectral_entropy) for r in routers) / len(routers)
     if load_LE is None:
         raise ConfigError("the recipe's validation split is empty; set data.corpus.val_fraction > 0")
-    health = [load_health(load_E) for load_E in load_LE]
+    health = load_health(load_LE).named()
     result = {"val_loss": loss_sum / tokens, "perplexity": math.exp(loss_sum / tokens)}
     for name in ("load_entropy", "dead_expert_fraction", "load_cv"):
-        result[name] = sum(float(layer[name]) for layer in health) / len(health)
+        result[name] = sum(health[name].tolist()) / len(load_LE)
     result["changed_share"] = changed_sum / tokens
     result["spectral_entropy"] = entropy_sum / tokens if routers else float("nan")
     return result

@@ -37,6 +37,7 @@ from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
 from sdmoe_train.lightning.run_identity import IDENTITY_KEY, check_resume_compatibility, run_identity
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
 from sdmoe_train.models.transformer import MoEAux, Transformer
+from sdmoe_train.moe.diagnostics import load_health
 from sdmoe_train.moe.sdmoe import (
     SDMoEConfig,
     apply_spectral_decoupling,
@@ -50,7 +51,6 @@ from sdmoe_train.moe.sdmoe import (
 from sdmoe_train.moe.ssmoe_router import (
     SSMoEConfig,
     apply_spectral_routing,
-    load_health,
     refresh_spectral_routers,
     spectral_diagnostics,
     without_spectral_rows,
@@ -309,9 +309,10 @@ class PretrainModule(L.LightningModule):
             return
         load_LE = self.trainer.strategy.reduce(self._val_load_LE, reduce_op="sum")
         self._val_load_LE = None
-        for (index, _), load_E in zip(self.model.moe_layers(), load_LE, strict=True):
-            for name, value in load_health(load_E).items():
-                self.log(f"val/{name}/layer_{index:02d}", value)
+        health = load_health(load_LE).named()
+        for row, (index, _) in enumerate(self.model.moe_layers()):
+            for name in ("load_entropy", "dead_expert_fraction", "load_cv"):
+                self.log(f"val/{name}/layer_{index:02d}", health[name][row])
 
     def configure_optimizers(self) -> dict[str, Any]:
         # A tied output head is the embedding tensor itself, so it follows the embedding's policy.

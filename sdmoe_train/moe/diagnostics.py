@@ -31,6 +31,9 @@ from torch import Tensor
 
 from sdmoe_train.moe.spectral import common_subspace_part
 
+SVDMethod = Literal["lowrank", "full"]
+"""How :func:`top_singular_subspaces` factorises: randomised (``lowrank``) or exact (``full``)."""
+
 _LOWRANK_OVERSAMPLING = 8
 """Sketch columns of the randomised SVD beyond r (Halko et al. 2009 recommend 5-10)."""
 _LOWRANK_POWER_ITERATIONS = 2
@@ -42,7 +45,7 @@ def _fp32(tensor: Tensor) -> Tensor:
 
 
 def top_singular_subspaces(
-    matrices_EMN: Tensor, rank: int, method: Literal["lowrank", "full"] = "full", seed: int = 0
+    matrices_EMN: Tensor, rank: int, method: SVDMethod = "full", seed: int = 0
 ) -> tuple[Tensor, Tensor]:
     """Orthonormal bases of every matrix's top-r left and right singular subspaces, batched over the stack.
 
@@ -114,6 +117,26 @@ def common_energy_share(grads_EMN: Tensor, left_MK: Tensor, right_NK: Tensor) ->
     return common_EMN.square().sum(dim=(-2, -1)) / total_E.clamp_min(torch.finfo(total_E.dtype).tiny)
 
 
+def row_gram(rows_TD: Tensor) -> Tensor:
+    """The (D, D) Gram matrix ``AᵀA`` of a (T, D) matrix, in fp32 or wider.
+
+    Gram matrices of row blocks add up: the Gram of stacked blocks is the sum of theirs, which is how the
+    expert-parallel ranks combine their experts' rows without exchanging them.
+    """
+    rows_TD = _fp32(rows_TD)
+    return rows_TD.T @ rows_TD
+
+
+def top_gram_eigenvectors(gram_DD: Tensor, count: int) -> Tensor:
+    """The top-K eigenvectors of a Gram matrix ``AᵀA``: the top-K right singular vectors of A.
+
+    Returns:
+        (D, K) orthonormal columns, strongest direction first (each up to sign).
+    """
+    _, eigenvectors_DD = torch.linalg.eigh(gram_DD)
+    return eigenvectors_DD[:, -count:].flip(-1)
+
+
 def top_right_singular_vectors(rows_TD: Tensor, count: int) -> Tensor:
     """The top-K right singular vectors of a (T, D) matrix, from the eigenvectors of its (D, D) Gram matrix.
 
@@ -123,9 +146,7 @@ def top_right_singular_vectors(rows_TD: Tensor, count: int) -> Tensor:
     Returns:
         (D, K) orthonormal columns, strongest direction first.
     """
-    rows_TD = _fp32(rows_TD)
-    _, eigenvectors_DD = torch.linalg.eigh(rows_TD.T @ rows_TD)
-    return eigenvectors_DD[:, -count:].flip(-1)
+    return top_gram_eigenvectors(row_gram(rows_TD), count)
 
 
 def gate_alignment(router_ED: Tensor, directions_DK: Tensor) -> Tensor:
@@ -149,7 +170,7 @@ def top_direction_share(cosines_EK: Tensor) -> Tensor:
 
 @dataclass
 class LoadHealth:
-    """Balance statistics of the expert loads of L layers."""
+    """Balance statistics of the expert loads of L layers (or of one layer: every field without its L axis)."""
 
     load_fraction_LE: Tensor
     """Share of the selected token copies that went to each expert."""
@@ -162,21 +183,31 @@ class LoadHealth:
     dead_fraction_L: Tensor
     """Share of experts that received no token."""
 
+    def named(self) -> dict[str, Tensor]:
+        """The per-layer statistics under their metric names."""
+        return {
+            "load_entropy": self.normalised_entropy_L,
+            "load_cv": self.coefficient_of_variation_L,
+            "max_mean_load": self.max_over_mean_L,
+            "dead_expert_fraction": self.dead_fraction_L,
+        }
+
 
 def load_health(tokens_per_expert_LE: Tensor) -> LoadHealth:
     """Balance statistics of token counts per expert.
 
     Args:
-        tokens_per_expert_LE: token copies per expert and layer (any numeric dtype); every row must have a
-            positive total.
+        tokens_per_expert_LE: token copies per expert, of L layers (L, E) or of one layer (E,), any numeric
+            dtype. A layer without any token gets fractions, entropy, variation and max/mean of 0.
 
     Returns:
         The statistics in fp32 (or wider).
     """
     counts_LE = tokens_per_expert_LE.to(torch.promote_types(tokens_per_expert_LE.dtype, torch.float32))
+    tiny = torch.finfo(counts_LE.dtype).tiny
     num_experts = counts_LE.shape[-1]
-    mean_L = counts_LE.mean(dim=-1)
-    fraction_LE = counts_LE / counts_LE.sum(dim=-1, keepdim=True)
+    mean_L = counts_LE.mean(dim=-1).clamp_min(tiny)
+    fraction_LE = counts_LE / counts_LE.sum(dim=-1, keepdim=True).clamp_min(tiny)
     entropy_L = -torch.special.xlogy(fraction_LE, fraction_LE).sum(dim=-1)
     return LoadHealth(
         load_fraction_LE=fraction_LE,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.moe.diagnostics import load_health
 from sdmoe_train.moe.experts import ExpertBank
 from sdmoe_train.moe.layer import MoELayer
 from sdmoe_train.moe.router import Router, RoutingDecision
@@ -200,26 +201,6 @@ def spectral_row_geometry(rows_ED: Tensor, router_weight_ED: Tensor) -> dict[str
     return {"row_cos_mean": off_diagonal, "learned_cos_mean": learned}
 
 
-def load_health(tokens_per_expert_E: Tensor) -> dict[str, Tensor]:
-    """Routing health of one layer from its expert loads (spec §6; sdmoe spec §8).
-
-    Args:
-        tokens_per_expert_E: token copies per expert (any numeric dtype).
-
-    Returns:
-        ``load_entropy`` (entropy of the load distribution / log E, 1 = uniform), ``dead_expert_fraction``
-        (share of experts with no token) and ``load_cv`` (std / mean of the loads), fp32 scalars.
-    """
-    load_E = tokens_per_expert_E.float()
-    num_experts = load_E.numel()
-    share_E = load_E / load_E.sum().clamp_min(1.0)
-    return {
-        "load_entropy": torch.special.entr(share_E).sum() / math.log(num_experts),
-        "dead_expert_fraction": (load_E == 0).float().mean(),
-        "load_cv": load_E.std(correction=0) / load_E.mean().clamp_min(1e-12),
-    }
-
-
 def spectral_routers(model: nn.Module) -> list[tuple[MoELayer, SpectralRouter]]:
     """(layer, router) for every MoE layer whose router is spectral, in module order."""
     return [
@@ -323,7 +304,7 @@ def spectral_diagnostics(model: Transformer, tokens_per_expert_LE: Tensor | None
         values = router_diagnostics(router)
         if tokens_per_expert_LE is not None:
             health = load_health(tokens_per_expert_LE[position])
-            values["load_entropy"] = health["load_entropy"]
-            values["dead_expert_fraction"] = health["dead_expert_fraction"]
+            values["load_entropy"] = health.normalised_entropy_L
+            values["dead_expert_fraction"] = health.dead_fraction_L
         metrics.update({f"ssmoe/{name}/layer_{index:02d}": value for name, value in values.items()})
     return metrics

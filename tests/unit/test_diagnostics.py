@@ -13,8 +13,10 @@ from sdmoe_train.moe.diagnostics import (
     gate_alignment,
     load_health,
     off_diagonal_mean_max,
+    row_gram,
     subspace_similarity,
     top_direction_share,
+    top_gram_eigenvectors,
     top_right_singular_vectors,
     top_singular_subspaces,
 )
@@ -128,6 +130,16 @@ def test_load_health_of_uniform_one_hot_and_known_loads() -> None:
     torch.testing.assert_close(health.load_fraction_LE[2], torch.tensor([0.75, 0.25, 0.0, 0.0]))
 
 
+def test_load_health_of_one_layer_matches_its_row_and_a_layer_without_tokens_is_all_dead() -> None:
+    counts_LE = torch.tensor([[3, 1, 0, 0], [0, 0, 0, 0]])
+    rows, single = load_health(counts_LE).named(), load_health(counts_LE[0]).named()
+    assert list(rows) == ["load_entropy", "load_cv", "max_mean_load", "dead_expert_fraction"]
+    for name, values_L in rows.items():
+        assert single[name].shape == ()
+        torch.testing.assert_close(single[name], values_L[0], msg=name)
+    assert [float(values_L[1]) for values_L in rows.values()] == [0.0, 0.0, 0.0, 1.0]
+
+
 def test_lowrank_subspaces_match_the_full_svd_and_leave_the_global_rng_alone() -> None:
     generator = torch.Generator().manual_seed(5)
     # Decaying spectra, as trained weights have: the top-4 subspace is well separated.
@@ -142,3 +154,26 @@ def test_lowrank_subspaces_match_the_full_svd_and_leave_the_global_rng_alone() -
     for low, full in ((low_left, full_left), (low_right, full_right)):
         projector_error = low @ low.transpose(-2, -1) - full @ full.transpose(-2, -1)
         assert projector_error.abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("method", ["lowrank", "full"])
+def test_subspaces_of_each_expert_do_not_depend_on_the_experts_factorised_with_it(method: str) -> None:
+    # Expert parallelism factorises each rank's slice of the experts; the gathered bases must be the ones the
+    # whole stack gives (the lowrank sketch is one matrix shared by every expert, drawn from a fixed seed).
+    matrices_EMN = torch.randn(8, 24, 40, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    whole = top_singular_subspaces(matrices_EMN, 3, method)
+    halves = [top_singular_subspaces(half_LMN, 3, method) for half_LMN in matrices_EMN.chunk(2)]
+    for side, whole_EXR in enumerate(whole):
+        sliced_EXR = torch.cat([half[side] for half in halves])
+        torch.testing.assert_close(
+            sliced_EXR @ sliced_EXR.mT, whole_EXR @ whole_EXR.mT, atol=1e-10, rtol=0, msg=f"side {side}"
+        )
+
+
+def test_gram_matrices_of_row_blocks_add_up_to_the_stacked_rows_directions() -> None:
+    rows_TD = torch.randn(60, 12, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    summed_DD = sum(row_gram(block_TD) for block_TD in rows_TD.chunk(3))
+    torch.testing.assert_close(summed_DD, row_gram(rows_TD))
+    from_blocks_DK = top_gram_eigenvectors(summed_DD, 4)
+    stacked_DK = top_right_singular_vectors(rows_TD, 4)
+    torch.testing.assert_close((from_blocks_DK * stacked_DK).sum(dim=0).abs(), torch.ones(4, dtype=torch.float64))

@@ -12,6 +12,7 @@ import torch
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.models.config import MoEConfig, TransformerConfig
 from sdmoe_train.models.transformer import Transformer
+from sdmoe_train.moe.diagnostics import load_health
 from sdmoe_train.moe.experts import ExpertBank
 from sdmoe_train.moe.router import Router
 from sdmoe_train.moe.sdmoe import SDMoEConfig, apply_spectral_decoupling
@@ -20,7 +21,6 @@ from sdmoe_train.moe.ssmoe_router import (
     SSMoEConfig,
     apply_spectral_routing,
     is_spectral_state,
-    load_health,
     refresh_spectral_routers,
     set_spectral_blend,
     spectral_diagnostics,
@@ -292,11 +292,11 @@ def test_set_spectral_blend_and_load_health() -> None:
     assert all(router.blend == 0.0 for _, router in spectral_routers(model))
     with pytest.raises(ConfigError, match=r"ssmoe.c=1.5 must lie in \[0, 1\]"):
         set_spectral_blend(model, 1.5)
-    health = load_health(torch.tensor([4, 4, 0, 0]))
+    health = load_health(torch.tensor([4, 4, 0, 0])).named()
     torch.testing.assert_close(health["load_entropy"], torch.tensor(math.log(2) / math.log(4)))
     torch.testing.assert_close(health["dead_expert_fraction"], torch.tensor(0.5))
     torch.testing.assert_close(health["load_cv"], torch.tensor(1.0))
-    uniform = load_health(torch.tensor([3, 3, 3, 3]))
+    uniform = load_health(torch.tensor([3, 3, 3, 3])).named()
     torch.testing.assert_close(uniform["load_entropy"], torch.tensor(1.0))
 
 

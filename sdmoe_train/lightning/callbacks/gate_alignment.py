@@ -1,6 +1,7 @@
 """Alignment of router rows with the dominant directions of each MoE layer's input space (spec §8)."""
 
-# Shape key: B sequences, S tokens, T = B·S tokens, D model width, E experts, F expert width, K directions.
+# Shape key: B sequences, S tokens, T = B·S tokens, D model width, E experts, L experts on this rank, F expert
+# width, K directions.
 
 from __future__ import annotations
 
@@ -11,16 +12,26 @@ import torch
 from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
+from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, expert_groups, layer_name
 from sdmoe_train.lightning.callbacks.spectral_overlap import expert_matrices
-from sdmoe_train.moe.diagnostics import gate_alignment, top_direction_share, top_right_singular_vectors
+from sdmoe_train.moe.diagnostics import (
+    gate_alignment,
+    row_gram,
+    top_direction_share,
+    top_gram_eigenvectors,
+    top_right_singular_vectors,
+)
+from sdmoe_train.parallel.groups import ExpertParallelGroups
+from sdmoe_train.parallel.monitoring import sum_over_experts
 
 
 class GateAlignmentMonitor(IntervalMonitor):
     """``|cos(g_e, v_t)|`` of every router row g_e against the top-K right singular vectors v_t of
 
     - ``hidden``: the normalised hidden states entering the layer on a fixed probe batch, and
-    - ``experts``: the expert input matrices (gate and up proxies of all experts stacked, (2·E·F, D)).
+    - ``experts``: the expert input matrices (gate and up proxies of all experts stacked, (2·E·F, D)), whose
+      top right singular vectors are the top eigenvectors of their (D, D) Gram matrix ``Σ_i W_iᵀ W_i``:
+      under expert parallelism each rank sums its experts' Gram matrices and the group all-reduces that sum.
 
     The probe is the first ``probe_sequences`` sequences of the first training batch, broadcast from rank 0 so
     that every rank measures the same thing, and kept in the checkpoint. It runs through the bare model
@@ -69,24 +80,33 @@ class GateAlignmentMonitor(IntervalMonitor):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.interval_completed(trainer) and self._probe_BS is not None:
-            scalars, figures = self.measure(pl_module.model)
+            scalars, figures = self.measure(pl_module.model, expert_groups(pl_module))
             self.publish(trainer, scalars, figures)
 
     @torch.no_grad()
-    def measure(self, model: torch.nn.Module) -> tuple[dict[str, Tensor], list[Figure]]:
-        """Alignment statistics of the current router rows against probe hidden states and expert inputs."""
+    def measure(
+        self, model: torch.nn.Module, groups: ExpertParallelGroups | None = None
+    ) -> tuple[dict[str, Tensor], list[Figure]]:
+        """Alignment statistics of the current router rows against probe hidden states and expert inputs.
+
+        Args:
+            model: the bare model (its forward on the probe batch is collective under expert parallelism).
+            groups: the expert-parallel layout (None: this rank holds every expert); with expert parallelism
+                a collective over the expert-parallel group.
+        """
         hidden = self._probe_hidden_states(model)
         scalars: dict[str, Tensor] = {}
         figures: list[Figure] = []
         summaries: dict[str, list[Tensor]] = {}
         for index, layer in self.monitored:
-            gate_EFD, up_EFD = (expert_matrices(layer.experts, matrix)["proxy"] for matrix in ("gate", "up"))
-            sources = {
-                "hidden": hidden[index],
-                "experts": torch.cat((gate_EFD, up_EFD), dim=1).flatten(0, 1),
+            gate_LFD, up_LFD = (expert_matrices(layer.experts, matrix)["proxy"] for matrix in ("gate", "up"))
+            local_gram_DD = row_gram(torch.cat((gate_LFD, up_LFD), dim=1).flatten(0, 1))
+            directions = {
+                "hidden": top_right_singular_vectors(hidden[index], self.directions),
+                "experts": top_gram_eigenvectors(sum_over_experts(local_gram_DD, groups), self.directions),
             }
-            for source, rows_XD in sources.items():
-                cosines_EK = gate_alignment(layer.router.weight, top_right_singular_vectors(rows_XD, self.directions))
+            for source, directions_DK in directions.items():
+                cosines_EK = gate_alignment(layer.router.weight, directions_DK)
                 quantities = {
                     "top1_share": top_direction_share(cosines_EK).mean(),
                     "top1_cos": cosines_EK[:, 0].mean(),

@@ -1,6 +1,6 @@
 """Gradient-subspace alignment between experts, and gradient energy in the common subspace (spec §8)."""
 
-# Shape key: E experts, M matrix rows (out), N matrix columns (in), K common rank.
+# Shape key: E experts, L experts on this rank, M matrix rows (out), N matrix columns (in), K common rank.
 
 from __future__ import annotations
 
@@ -11,20 +11,16 @@ import torch
 from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
-from sdmoe_train.lightning.callbacks.spectral_overlap import (
-    SIDES,
-    SVDMethod,
-    check_rank,
-    check_svd_method,
-    side_similarities,
-)
-from sdmoe_train.moe.diagnostics import common_energy_share, off_diagonal_mean_max, top_singular_subspaces
+from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, expert_groups, layer_name
+from sdmoe_train.lightning.callbacks.spectral_overlap import SIDES, check_rank, check_svd_method, side_similarities
+from sdmoe_train.moe.diagnostics import SVDMethod, common_energy_share, off_diagonal_mean_max, top_singular_subspaces
 from sdmoe_train.moe.sdmoe import MATRIX_TYPES, DecoupledExpertBank, MatrixType
+from sdmoe_train.parallel.groups import ExpertParallelGroups
+from sdmoe_train.parallel.monitoring import expert_mean, gather_experts
 
 
 def proxy_gradient(bank: Any, matrix: MatrixType) -> Tensor | None:
-    """Each expert's gradient of its applied weight W[i] (E, M, N), as autograd left it.
+    """Each (local) expert's gradient of its applied weight W[i] (L, M, N), as autograd left it.
 
     For an SD-MoE type that is the gradient of the unique part W_u[i] before the spec §4 projection (the
     proxy is ``W_c + W_u[i]``), so it must be read before ``PretrainModule.on_before_optimizer_step`` runs.
@@ -34,16 +30,20 @@ def proxy_gradient(bank: Any, matrix: MatrixType) -> Tensor | None:
     return getattr(bank, f"{matrix}_proj").grad
 
 
-def common_bases(bank: Any, matrix: MatrixType, rank: int, svd: SVDMethod) -> tuple[Tensor, Tensor]:
+def common_bases(
+    bank: Any, matrix: MatrixType, rank: int, svd: SVDMethod, groups: ExpertParallelGroups | None = None
+) -> tuple[Tensor, Tensor]:
     """(U_k, V_k) of the layer's common subspace for one matrix type.
 
-    SD-MoE: the bank's own bases. Vanilla MoE, which has no common part: the top-k singular subspaces of the
-    experts' mean weight, the direction all experts share (our definition, so that both arms get a number).
+    SD-MoE: the bank's own bases (replicated under expert parallelism). Vanilla MoE, which has no common
+    part: the top-k singular subspaces of the mean weight of all E experts, the direction all experts share
+    (our definition, so that both arms get a number); under expert parallelism that mean is one (M, N)
+    all-reduce over the expert-parallel group.
     """
     if isinstance(bank, DecoupledExpertBank) and matrix in bank.decomposed:
         _, _, left_MK, right_NK = bank.parts(matrix)
         return left_MK, right_NK
-    return top_singular_subspaces(getattr(bank, f"{matrix}_proj").mean(dim=0), rank, svd)
+    return top_singular_subspaces(expert_mean(getattr(bank, f"{matrix}_proj"), groups), rank, svd)
 
 
 class GradientAlignmentMonitor(IntervalMonitor):
@@ -57,7 +57,8 @@ class GradientAlignmentMonitor(IntervalMonitor):
     ``gradient/<type>_<side>_alignment_{mean,max}/layer_NN``, ``gradient/<type>_common_energy_share/layer_NN``
     (mean over experts of ``‖G_i − G_u[i]‖² / ‖G_i‖²``, see :func:`common_bases` for the vanilla subspace),
     and the means over layers and types ``gradient/alignment_{mean,max}``, ``gradient/common_energy_share``.
-    Figures: the side-averaged E×E matrix per (type, layer).
+    Figures: the side-averaged E×E matrix per (type, layer). Under expert parallelism each rank sums and
+    factorises the gradients of its own experts; the bases and energy shares are all-gathered.
 
     The window holds one copy of every monitored expert gradient; restrict ``layers`` on large models.
 
@@ -114,13 +115,13 @@ class GradientAlignmentMonitor(IntervalMonitor):
         with torch.no_grad():
             for index, layer in self.monitored:
                 for matrix in self.matrices:
-                    grad_EMN = proxy_gradient(layer.experts, matrix)
-                    if grad_EMN is None:
+                    grad_LMN = proxy_gradient(layer.experts, matrix)
+                    if grad_LMN is None:
                         continue
                     key = f"{index}.{matrix}"
                     total = self._sums.get(key)
                     self._sums[key] = (
-                        grad_EMN.float().clone() if total is None else total.to(grad_EMN.device) + grad_EMN
+                        grad_LMN.float().clone() if total is None else total.to(grad_LMN.device) + grad_LMN
                     )
         self._steps_summed += 1
 
@@ -128,30 +129,36 @@ class GradientAlignmentMonitor(IntervalMonitor):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.interval_completed(trainer) and self._sums:
-            scalars, figures = self.measure()
+            scalars, figures = self.measure(expert_groups(pl_module))
             self.publish(trainer, scalars, figures)
             self._sums, self._steps_summed = {}, 0
 
     @torch.no_grad()
-    def measure(self) -> tuple[dict[str, Tensor | float], list[Figure]]:
-        """Alignment statistics and matrices of the summed window gradients."""
+    def measure(self, groups: ExpertParallelGroups | None = None) -> tuple[dict[str, Tensor | float], list[Figure]]:
+        """Alignment statistics and matrices of the summed window gradients of all E experts.
+
+        Args:
+            groups: the expert-parallel layout (None: this rank holds every expert); with expert parallelism
+                a collective over the expert-parallel group.
+        """
         scalars: dict[str, Tensor | float] = {}
         figures: list[Figure] = []
         summaries: dict[str, list[Tensor]] = {}
         for index, layer in self.monitored:
             for matrix in self.matrices:
-                grads_EMN = self._sums.get(f"{index}.{matrix}")
-                if grads_EMN is None:
+                grads_LMN = self._sums.get(f"{index}.{matrix}")
+                if grads_LMN is None:
                     continue
-                similarities = dict(zip(SIDES, side_similarities(grads_EMN, self.rank, self.svd), strict=True))
+                similarities_EE = side_similarities(grads_LMN, self.rank, self.svd, groups)
+                similarities = dict(zip(SIDES, similarities_EE, strict=True))
                 for side, similarity_EE in similarities.items():
                     mean, largest = off_diagonal_mean_max(similarity_EE)
                     scalars[f"gradient/{matrix}_{side}_alignment_mean/{layer_name(index)}"] = mean
                     scalars[f"gradient/{matrix}_{side}_alignment_max/{layer_name(index)}"] = largest
                     summaries.setdefault("gradient/alignment_mean", []).append(mean)
                     summaries.setdefault("gradient/alignment_max", []).append(largest)
-                left_MK, right_NK = common_bases(layer.experts, matrix, self.common_rank, self.svd)
-                share = common_energy_share(grads_EMN, left_MK, right_NK).mean()
+                left_MK, right_NK = common_bases(layer.experts, matrix, self.common_rank, self.svd, groups)
+                share = gather_experts(common_energy_share(grads_LMN, left_MK, right_NK), groups).mean()
                 scalars[f"gradient/{matrix}_common_energy_share/{layer_name(index)}"] = share
                 summaries.setdefault("gradient/common_energy_share", []).append(share)
                 average_EE = (similarities["left"] + similarities["right"]) / 2

@@ -9,10 +9,13 @@ A monitor computes its statistics every ``every_n_steps`` optimizer steps and pu
   source of ``sdmoe-train report``, and, when a ``WandbLogger`` is attached, logged to W&B as SVG panels.
 
 Distributed runs: every rank runs the same hooks at the same optimizer steps, so a collective a monitor
-issues (a reduction of routing counts, the probe-batch broadcast) is reached by all ranks alike; model
-weights and all-reduced gradients are identical on every rank, so statistics computed from them need no
-communication. Only global rank 0 writes, and the device-to-host copy of the scalars happens once per
-interval, never between intervals.
+issues (a reduction of routing counts, the probe-batch broadcast) is reached by all ranks alike, in the same
+order; model weights and all-reduced gradients are identical on every rank, so statistics computed from
+them need no communication. Under expert parallelism each rank holds only its slice of the experts: the
+monitors then compute per-expert factors (top-r bases, Gram matrices, scalars) locally and combine them over
+the expert-parallel group with :mod:`sdmoe_train.parallel.monitoring`, so every statistic covers all E
+experts. Only global rank 0 writes, and the device-to-host copy of the scalars happens once per interval,
+never between intervals.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.moe.layer import MoELayer
+from sdmoe_train.parallel.groups import ExpertParallelGroups
 
 FIGURES_FILE = Path("monitor") / "figures.jsonl"
 """Figures of all monitors, one JSON object per line, under the Trainer's ``log_dir``."""
@@ -46,6 +50,11 @@ class Figure:
     """What the rows (or bars) index, e.g. ``expert``."""
     column_label: str
     """What the columns index (heatmaps), or what the bar height is (bar charts)."""
+
+
+def expert_groups(pl_module: L.LightningModule) -> ExpertParallelGroups | None:
+    """The module's expert-parallel layout (``PretrainModule.expert_groups``), None without expert parallelism."""
+    return getattr(pl_module, "expert_groups", None)
 
 
 def layer_name(index: int) -> str:

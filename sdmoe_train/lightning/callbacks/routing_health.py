@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
 from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
@@ -20,7 +21,9 @@ class RoutingHealthMonitor(IntervalMonitor):
 
     Counts come from the routing record ``PretrainModule.last_routing`` of each training micro-batch, that is
     from the forward outputs, so a forward recomputed by activation checkpointing is never counted twice. They
-    accumulate on the device and are summed over data-parallel ranks once per interval.
+    accumulate on the device and are summed over all ranks once per interval. Under expert parallelism too:
+    the router is replicated, so every rank counts the copies its own tokens send to each global expert id
+    (before the all-to-all, not the rows its experts receive), and the sum over ranks counts every token once.
 
     Logged per monitored layer (``routing/<quantity>/layer_NN``) and as a mean over the monitored layers
     (``routing/<quantity>``): ``load_entropy`` (entropy / log E), ``load_cv`` (coefficient of variation),
@@ -72,20 +75,22 @@ class RoutingHealthMonitor(IntervalMonitor):
             self._loss_sums[name] = values_L.float() if previous is None else previous.to(values_L.device) + values_L
         self._micro_batches += 1
 
-    @torch.no_grad()
     def _publish_interval(self, trainer: L.Trainer) -> None:
         if self._counts_LE is None:
             return
-        strategy = trainer.strategy
+        scalars, figures = self.measure(trainer.strategy)
+        self.publish(trainer, scalars, figures)
+        self._counts_LE, self._loss_sums, self._micro_batches = None, {}, 0
+
+    @torch.no_grad()
+    def measure(self, strategy: Strategy) -> tuple[dict[str, Tensor], list[Figure]]:
+        """Statistics of the interval's counts and losses, summed (counts) or averaged (losses) over all ranks.
+
+        Collective: every rank calls ``strategy.reduce`` in the same order.
+        """
         counts_LE = strategy.reduce(self._counts_LE, reduce_op="sum")
         health = load_health(counts_LE)
-        per_layer: dict[str, Tensor] = {
-            "load_entropy": health.normalised_entropy_L,
-            "load_cv": health.coefficient_of_variation_L,
-            "max_mean_load": health.max_over_mean_L,
-            "dead_expert_fraction": health.dead_fraction_L,
-            "token_copies": counts_LE.sum(dim=-1).float(),
-        }
+        per_layer: dict[str, Tensor] = {**health.named(), "token_copies": counts_LE.sum(dim=-1).float()}
         for name, sums_L in self._loss_sums.items():
             per_layer[name] = strategy.reduce(sums_L / self._micro_batches, reduce_op="mean")
         biases_LE = torch.stack([layer.router.selection_bias.float() for _, layer in self.monitored])
@@ -114,8 +119,7 @@ class RoutingHealthMonitor(IntervalMonitor):
                     suffix = f"{layer_name(index)}/expert_{expert:02d}"
                     scalars[f"routing/load_fraction/{suffix}"] = health.load_fraction_LE[row, expert]
                     scalars[f"routing/bias/{suffix}"] = biases_LE[row, expert]
-        self.publish(trainer, scalars, figures)
-        self._counts_LE, self._loss_sums, self._micro_batches = None, {}, 0
+        return scalars, figures
 
     def state_dict(self) -> dict[str, Any]:
         return {

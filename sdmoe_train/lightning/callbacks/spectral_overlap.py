@@ -1,22 +1,23 @@
 """Parameter spectral overlap between the routed experts of each MoE layer (spec §8, our definition)."""
 
-# Shape key: E experts, M matrix rows (out), N matrix columns (in), R diagnostic rank.
+# Shape key: E experts, L experts on this rank, M matrix rows (out), N matrix columns (in), R diagnostic rank.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
-from sdmoe_train.moe.diagnostics import off_diagonal_mean_max, subspace_similarity, top_singular_subspaces
+from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, expert_groups, layer_name
+from sdmoe_train.moe.diagnostics import SVDMethod, off_diagonal_mean_max, subspace_similarity
 from sdmoe_train.moe.sdmoe import MATRIX_TYPES, DecoupledExpertBank, MatrixType
+from sdmoe_train.parallel.groups import ExpertParallelGroups
+from sdmoe_train.parallel.monitoring import expert_subspaces
 
 SIDES = ("left", "right")
-SVDMethod = Literal["lowrank", "full"]
 
 
 def check_svd_method(monitor: str, svd: str) -> SVDMethod:
@@ -27,7 +28,7 @@ def check_svd_method(monitor: str, svd: str) -> SVDMethod:
 
 
 def expert_matrices(bank: Any, matrix: MatrixType) -> dict[str, Tensor]:
-    """The (E, M, N) stacks to compare for one matrix type: ``proxy`` always, ``unique`` when SD-MoE splits it."""
+    """(L, M, N) stacks of this rank's experts, one matrix type: ``proxy`` always, ``unique`` if SD-MoE splits it."""
     if not isinstance(bank, DecoupledExpertBank):
         return {"proxy": getattr(bank, f"{matrix}_proj")}
     parts = {"proxy": bank.proxy(matrix)}
@@ -43,7 +44,9 @@ class SpectralOverlapMonitor(IntervalMonitor):
     with SD-MoE, the unique parts ``W_u[i]``; one batched fp32 SVD per (layer, type, part). Logged:
     ``spectral/<part>_<type>_<side>_overlap_{mean,max}/layer_NN`` (mean and max over expert pairs) and the
     mean over layers, types and sides ``spectral/<part>_overlap_{mean,max}``. Random r-dimensional subspaces
-    of R^m give about r/m. Figures: the side-averaged E×E matrix per (part, type, layer).
+    of R^m give about r/m. Figures: the side-averaged E×E matrix per (part, type, layer). Under expert
+    parallelism each rank factorises its own experts and the bases are all-gathered (``E·r·(M + N)`` values
+    per stack), so the matrices cover all E experts.
 
     Args:
         every_n_steps: optimizer steps between measurements.
@@ -80,19 +83,25 @@ class SpectralOverlapMonitor(IntervalMonitor):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.interval_completed(trainer):
-            scalars, figures = self.measure()
+            scalars, figures = self.measure(expert_groups(pl_module))
             self.publish(trainer, scalars, figures)
 
     @torch.no_grad()
-    def measure(self) -> tuple[dict[str, Tensor], list[Figure]]:
-        """Similarity statistics and matrices of the current weights."""
+    def measure(self, groups: ExpertParallelGroups | None = None) -> tuple[dict[str, Tensor], list[Figure]]:
+        """Similarity statistics and matrices of the current weights of all E experts.
+
+        Args:
+            groups: the expert-parallel layout (None: this rank holds every expert); with expert parallelism
+                a collective over the expert-parallel group.
+        """
         scalars: dict[str, Tensor] = {}
         figures: list[Figure] = []
         summaries: dict[str, list[Tensor]] = {}
         for index, layer in self.monitored:
             for matrix in self.matrices:
-                for part, weights_EMN in expert_matrices(layer.experts, matrix).items():
-                    similarities = dict(zip(SIDES, side_similarities(weights_EMN, self.rank, self.svd), strict=True))
+                for part, weights_LMN in expert_matrices(layer.experts, matrix).items():
+                    similarities_EE = side_similarities(weights_LMN, self.rank, self.svd, groups)
+                    similarities = dict(zip(SIDES, similarities_EE, strict=True))
                     for side, similarity_EE in similarities.items():
                         mean, largest = off_diagonal_mean_max(similarity_EE)
                         scalars[f"spectral/{part}_{matrix}_{side}_overlap_mean/{layer_name(index)}"] = mean
@@ -107,9 +116,14 @@ class SpectralOverlapMonitor(IntervalMonitor):
         return scalars, figures
 
 
-def side_similarities(matrices_EMN: Tensor, rank: int, svd: SVDMethod) -> tuple[Tensor, Tensor]:
-    """E×E ``sim`` of the left and of the right top-r singular subspaces (one batched SVD)."""
-    left_EMR, right_ENR = top_singular_subspaces(matrices_EMN, rank, svd)
+def side_similarities(
+    matrices_LMN: Tensor, rank: int, svd: SVDMethod, groups: ExpertParallelGroups | None = None
+) -> tuple[Tensor, Tensor]:
+    """E×E ``sim`` of the left and of the right top-r singular subspaces of all experts' matrices.
+
+    One batched SVD of this rank's L experts; under expert parallelism the bases are then all-gathered.
+    """
+    left_EMR, right_ENR = expert_subspaces(matrices_LMN, rank, svd, groups)
     return subspace_similarity(left_EMR), subspace_similarity(right_ENR)
 
 
