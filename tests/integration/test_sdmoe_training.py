@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -17,6 +16,7 @@ from sdmoe_train.lightning.optim import OptimConfig
 from sdmoe_train.moe.sdmoe import MATRIX_TYPES, SDMoEConfig, decoupled_banks
 from tests.integration import sdmoe_ddp
 from tests.integration.sdmoe_ddp import SEQ, VOCAB, tiny_arch
+from tests.integration.trainers import cpu_trainer
 
 # Constant after warmup: a cosine schedule's length follows trainer.max_steps, which differs between an
 # interrupted run and its resumption.
@@ -27,20 +27,6 @@ def _fixed_batch_loader(batch_size: int = 2) -> DataLoader:
     """One fixed batch per epoch: a resumed run then sees exactly the batches of an uninterrupted one."""
     blocks = torch.randint(0, VOCAB, (batch_size, SEQ + 1), generator=torch.Generator().manual_seed(0))
     return DataLoader(list(blocks), batch_size=batch_size)
-
-
-def _trainer(tmp_path: Path, max_steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 def _module(torch_seed: int = 0, **sdmoe: object) -> PretrainModule:
@@ -74,7 +60,7 @@ def test_trainer_steps_project_gradients_after_accumulation_and_keep_strict_uniq
     tmp_path: Path,
 ) -> None:
     module = _module(enabled=True, rank=4, strict=True, refresh_every=100)
-    trainer = _trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, gradient_clip_val=0.5)
+    trainer = cpu_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, gradient_clip_val=0.5)
     trainer.fit(module, train_dataloaders=_fixed_batch_loader())
     for bank in decoupled_banks(module.model):
         for matrix in MATRIX_TYPES:
@@ -93,7 +79,7 @@ def test_bases_refresh_every_refresh_every_optimizer_steps_in_training(tmp_path:
     module = _module(enabled=True, rank=4, refresh_every=2)
     bank = decoupled_banks(module.model)[0]
     initial = bank.parts("up")[2].clone()
-    trainer = _trainer(tmp_path, max_steps=5, accumulate_grad_batches=2)
+    trainer = cpu_trainer(tmp_path, max_steps=5, accumulate_grad_batches=2)
     trainer.fit(module, train_dataloaders=_fixed_batch_loader())
     assert bank.steps == 5 and int(bank.optimizer_steps) == 5
     assert trainer.logged_metrics["sdmoe/refresh_count"] == 2
@@ -108,15 +94,15 @@ def test_bases_refresh_every_refresh_every_optimizer_steps_in_training(tmp_path:
 def test_resume_mid_refresh_interval_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     sdmoe = {"enabled": True, "rank": 4, "refresh_every": 3, "strict": True}
     straight = _module(**sdmoe)
-    _trainer(tmp_path / "straight", max_steps=7).fit(straight, train_dataloaders=_fixed_batch_loader())
+    cpu_trainer(tmp_path / "straight", max_steps=7).fit(straight, train_dataloaders=_fixed_batch_loader())
 
     first = _module(**sdmoe)
-    trainer = _trainer(tmp_path / "first", max_steps=4)
+    trainer = cpu_trainer(tmp_path / "first", max_steps=4)
     trainer.fit(first, train_dataloaders=_fixed_batch_loader())
     checkpoint = tmp_path / "step4.ckpt"
     trainer.save_checkpoint(checkpoint)
     resumed = _module(torch_seed=1, **{**sdmoe, "seed": 1})  # resuming must not depend on the fresh init
-    _trainer(tmp_path / "resumed", max_steps=7).fit(
+    cpu_trainer(tmp_path / "resumed", max_steps=7).fit(
         resumed, train_dataloaders=_fixed_batch_loader(), ckpt_path=checkpoint
     )
 
@@ -128,7 +114,7 @@ def test_resume_mid_refresh_interval_reproduces_the_uninterrupted_run(tmp_path: 
 
 def test_load_from_checkpoint_restores_the_decoupled_model(tmp_path: Path) -> None:
     module = _module(enabled=True, rank=4, refresh_every=2)
-    trainer = _trainer(tmp_path, max_steps=3)
+    trainer = cpu_trainer(tmp_path, max_steps=3)
     trainer.fit(module, train_dataloaders=_fixed_batch_loader())
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     restored = PretrainModule.load_from_checkpoint(tmp_path / "model.ckpt")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -18,6 +17,7 @@ from sdmoe_train.moe.sdmoe import SDMoEConfig
 from sdmoe_train.moe.ssmoe_router import SSMoEConfig, spectral_routers
 from sdmoe_train.moe.ssmoe_rows import spectral_router_rows
 from sdmoe_train.parallel.config import ParallelConfig
+from tests.integration.trainers import cpu_trainer
 
 VOCAB, SEQ = 64, 16
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=1, schedule="constant")
@@ -33,20 +33,6 @@ def _arch(family: str = "qwen"):
 def _loader(num_batches: int = 1) -> DataLoader:
     blocks = torch.randint(0, VOCAB, (2 * num_batches, SEQ + 1), generator=torch.Generator().manual_seed(0))
     return DataLoader(list(blocks), batch_size=2)
-
-
-def _trainer(tmp_path: Path, max_steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 def _rows(module: PretrainModule) -> list[torch.Tensor]:
@@ -76,7 +62,7 @@ class _RowRecorder(PretrainModule):
 def test_u_is_refreshed_every_refresh_every_optimizer_steps(tmp_path: Path, family: str) -> None:
     module = _RowRecorder(_arch(family), OPTIM, ssmoe=SSMoEConfig(enabled=True, c=0.5, refresh_every=2))
     initial = _rows(module)
-    trainer = _trainer(tmp_path, max_steps=4, accumulate_grad_batches=2)
+    trainer = cpu_trainer(tmp_path, max_steps=4, accumulate_grad_batches=2)
     trainer.fit(module, train_dataloaders=_loader(2))
     previous = initial
     for step, (rows, fresh) in enumerate(zip(module.rows_after_step, module.fresh_after_step, strict=True), 1):
@@ -94,7 +80,7 @@ def test_u_is_refreshed_every_refresh_every_optimizer_steps(tmp_path: Path, fami
 
 def test_checkpoint_restores_saved_u_and_rebuilds_it_when_settings_differ(tmp_path: Path) -> None:
     module = PretrainModule(_arch(), OPTIM, ssmoe=SSMoEConfig(enabled=True, k=4, refresh_every=0))
-    trainer = _trainer(tmp_path, max_steps=3)
+    trainer = cpu_trainer(tmp_path, max_steps=3)
     trainer.fit(module, train_dataloaders=_loader())
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     saved = _rows(module)
@@ -113,7 +99,7 @@ def test_checkpoint_restores_saved_u_and_rebuilds_it_when_settings_differ(tmp_pa
 
 def test_plain_checkpoint_and_init_from_get_u_from_the_loaded_weights(tmp_path: Path) -> None:
     module = PretrainModule(_arch(), OPTIM, SDMoEConfig(enabled=True, rank=4))
-    trainer = _trainer(tmp_path, max_steps=2)
+    trainer = cpu_trainer(tmp_path, max_steps=2)
     trainer.fit(module, train_dataloaders=_loader())
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
     tokens = torch.randint(0, VOCAB, (2, SEQ))
@@ -132,7 +118,7 @@ def test_plain_checkpoint_and_init_from_get_u_from_the_loaded_weights(tmp_path: 
 
 def test_validation_logs_routing_health_per_layer(tmp_path: Path) -> None:
     module = PretrainModule(_arch("deepseek"), OPTIM, ssmoe=SSMoEConfig(enabled=True, c=1.0))
-    trainer = _trainer(tmp_path, max_steps=1)
+    trainer = cpu_trainer(tmp_path, max_steps=1)
     trainer.validate(module, dataloaders=_loader(2), verbose=False)
     with open(tmp_path / "metrics.csv") as handle:
         row = next(csv.DictReader(handle))

@@ -12,8 +12,14 @@ from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, expert_groups, layer_name
-from sdmoe_train.lightning.callbacks.spectral_overlap import SIDES, check_rank, check_svd_method, side_similarities
-from sdmoe_train.moe.diagnostics import SVDMethod, common_energy_share, off_diagonal_mean_max, top_singular_subspaces
+from sdmoe_train.lightning.callbacks.spectral_overlap import (
+    SIDES,
+    add_pair_statistics,
+    check_rank,
+    check_svd_method,
+    side_similarities,
+)
+from sdmoe_train.moe.diagnostics import SVDMethod, common_energy_share, top_singular_subspaces
 from sdmoe_train.moe.sdmoe import MATRIX_TYPES, DecoupledExpertBank, MatrixType
 from sdmoe_train.parallel.groups import ExpertParallelGroups
 from sdmoe_train.parallel.monitoring import expert_mean, gather_experts
@@ -152,11 +158,8 @@ class GradientAlignmentMonitor(IntervalMonitor):
                 similarities_EE = side_similarities(grads_LMN, self.rank, self.svd, groups)
                 similarities = dict(zip(SIDES, similarities_EE, strict=True))
                 for side, similarity_EE in similarities.items():
-                    mean, largest = off_diagonal_mean_max(similarity_EE)
-                    scalars[f"gradient/{matrix}_{side}_alignment_mean/{layer_name(index)}"] = mean
-                    scalars[f"gradient/{matrix}_{side}_alignment_max/{layer_name(index)}"] = largest
-                    summaries.setdefault("gradient/alignment_mean", []).append(mean)
-                    summaries.setdefault("gradient/alignment_max", []).append(largest)
+                    metric = f"gradient/{matrix}_{side}_alignment"
+                    add_pair_statistics(scalars, summaries, similarity_EE, metric, index, "gradient/alignment")
                 left_MK, right_NK = common_bases(layer.experts, matrix, self.common_rank, self.svd, groups)
                 share = gather_experts(common_energy_share(grads_LMN, left_MK, right_NK), groups).mean()
                 scalars[f"gradient/{matrix}_common_energy_share/{layer_name(index)}"] = share

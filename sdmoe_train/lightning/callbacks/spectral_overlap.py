@@ -103,17 +103,32 @@ class SpectralOverlapMonitor(IntervalMonitor):
                     similarities_EE = side_similarities(weights_LMN, self.rank, self.svd, groups)
                     similarities = dict(zip(SIDES, similarities_EE, strict=True))
                     for side, similarity_EE in similarities.items():
-                        mean, largest = off_diagonal_mean_max(similarity_EE)
-                        scalars[f"spectral/{part}_{matrix}_{side}_overlap_mean/{layer_name(index)}"] = mean
-                        scalars[f"spectral/{part}_{matrix}_{side}_overlap_max/{layer_name(index)}"] = largest
-                        summaries.setdefault(f"spectral/{part}_overlap_mean", []).append(mean)
-                        summaries.setdefault(f"spectral/{part}_overlap_max", []).append(largest)
+                        metric = f"spectral/{part}_{matrix}_{side}_overlap"
+                        add_pair_statistics(
+                            scalars, summaries, similarity_EE, metric, index, f"spectral/{part}_overlap"
+                        )
                     average_EE = (similarities["left"] + similarities["right"]) / 2
                     figures.append(
                         Figure(f"spectral/{part}_{matrix}/{layer_name(index)}", average_EE, "expert", "expert")
                     )
         scalars.update({name: torch.stack(values).mean() for name, values in summaries.items()})
         return scalars, figures
+
+
+def add_pair_statistics(
+    scalars: dict[str, Tensor],
+    summaries: dict[str, list[Tensor]],
+    similarity_EE: Tensor,
+    metric: str,
+    layer_index: int,
+    summary: str,
+) -> None:
+    """Record the mean and max over expert pairs as ``{metric}_{mean,max}/layer_NN`` and for ``{summary}_*``."""
+    mean, largest = off_diagonal_mean_max(similarity_EE)
+    scalars[f"{metric}_mean/{layer_name(layer_index)}"] = mean
+    scalars[f"{metric}_max/{layer_name(layer_index)}"] = largest
+    summaries.setdefault(f"{summary}_mean", []).append(mean)
+    summaries.setdefault(f"{summary}_max", []).append(largest)
 
 
 def side_similarities(
