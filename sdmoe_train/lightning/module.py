@@ -162,6 +162,8 @@ class PretrainModule(L.LightningModule):
         self.val_perplexity = Perplexity()
         self.tokens_seen = 0
         self._load_since_step_LE: Tensor | None = None
+        self.step_skipped = False
+        """Set by :class:`~sdmoe_train.lightning.callbacks.NonFiniteGuard` when it drops this step's gradients."""
         self._val_load_LE: Tensor | None = None
         self.last_routing: MoEAux | None = None
         """Routing record of the latest training micro-batch, read by the routing-health monitor."""
@@ -252,8 +254,9 @@ class PretrainModule(L.LightningModule):
         # W_u is not touched between here and the step (the closure only runs forward/backward).
         update_reference = strict_update_reference(self.model) if self.sdmoe.enabled else None
         super().optimizer_step(*args, **kwargs)
-        if not any(p.grad is not None for p in self.parameters()):
+        if self.step_skipped:
             # NonFiniteGuard dropped every gradient: the step changed nothing, so neither do the biases.
+            self.step_skipped = False
             self._load_since_step_LE = None
             self._log_throughput()
             return

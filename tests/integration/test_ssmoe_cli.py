@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -50,9 +51,9 @@ def test_a_checkpoint_is_evaluated_with_ssmoe_off_and_on(tmp_path: Path, capsys:
 
 
 def _printed_metric(output: str, name: str) -> float:
-    """A value from Lightning's validation results table (`│ name │ value │`)."""
+    """A value from Lightning's validation results table: `│ name │ value │` with rich, `name   value` without."""
     for line in output.splitlines():
-        cells = [cell.strip() for cell in line.replace("│", "|").split("|") if cell.strip()]
+        cells = [cell.strip() for cell in re.split(r"[|│]|\s{2,}", line.strip()) if cell.strip()]
         if len(cells) == 2 and cells[0] == name:
             return float(cells[1])
     raise AssertionError(f"{name} not printed in:\n{output}")

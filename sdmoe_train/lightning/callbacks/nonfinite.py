@@ -60,6 +60,7 @@ class NonFiniteGuard(L.Callback):
         # AdamW skips parameters without a gradient: no update, no weight decay, no moment change.
         for parameter in pl_module.parameters():
             parameter.grad = None
+        pl_module.step_skipped = True
         if self.consecutive >= self.max_consecutive:
             checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
             raise TrainingHaltedError(
