@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
 from sdmoe_train import hf_cli, preemption, ssmoe_cli
@@ -30,6 +30,7 @@ from sdmoe_train.io import write_text_atomically
 from sdmoe_train.io.checkpoints import newest_valid_checkpoint, verify_checkpoint
 from sdmoe_train.lightning.callbacks import NonFiniteGuard, PeriodicCheckpoint, PreemptionHandler
 from sdmoe_train.lightning.module import PretrainModule
+from sdmoe_train.recipe_parser import recipe_data_parser
 from sdmoe_train.report import cli as report_cli
 
 USAGE_EPILOG = """\
@@ -170,20 +171,11 @@ def _metric(trainer: Any, name: str) -> float | None:
 
 
 def _prepare_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="sdmoe-train prepare",
-        description="Train the tokenizer (if missing) and build the token cache for a recipe's data section.",
+    parser = recipe_data_parser(
+        "sdmoe-train prepare",
+        "Train the tokenizer (if missing) and build the token cache for a recipe's data section.",
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="recipe YAML (the same file `fit` takes)")
-    parser.add_class_arguments(PretrainDataModule, "data")
     parser.add_argument("--retrain_tokenizer", type=bool, default=False, help="retrain even if the file exists")
-    # The rest of a training recipe is accepted and ignored, so `prepare` and `fit` share one file.
-    for key in ("model", "trainer", "optimizer", "lr_scheduler"):
-        parser.add_argument(f"--{key}", type=dict | None, default=None)
-    parser.add_argument("--seed_everything", type=bool | int, default=True)
-    parser.add_argument("--ckpt_path", type=str | None, default=None)
-    parser.add_argument("--validate_before_fit", type=bool, default=True)
-    parser.add_argument("--auto_resume", type=bool, default=True)
     return parser
 
 

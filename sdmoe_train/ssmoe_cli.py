@@ -19,15 +19,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from sdmoe_train.data import PretrainDataModule
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.module import PretrainModule, language_model_loss
 from sdmoe_train.models.transformer import Transformer
 from sdmoe_train.moe.diagnostics import load_health
 from sdmoe_train.moe.ssmoe_router import SSMoEConfig, set_spectral_blend, spectral_routers
+from sdmoe_train.recipe_parser import recipe_data_parser
 
 USAGE_EPILOG = """\
 SSMoE evaluation:
@@ -107,12 +107,11 @@ def format_table(rows: list[dict[str, float]]) -> str:
 
 
 def _parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="sdmoe-train ssmoe-eval",
-        description="Evaluate a checkpoint's validation loss and routing health with SSMoE off (c = 0) and on.",
+    parser = recipe_data_parser(
+        "sdmoe-train ssmoe-eval",
+        "Evaluate a checkpoint's validation loss and routing health with SSMoE off (c = 0) and on.",
+        own_options=("ckpt_path",),
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="recipe YAML (the same file `fit` takes)")
-    parser.add_class_arguments(PretrainDataModule, "data")
     parser.add_argument("--ckpt_path", type=str, required=True, help="a .ckpt of `sdmoe-train fit` or `import`")
     parser.add_class_arguments(SSMoEConfig, "ssmoe", skip={"enabled", "c"})
     parser.add_argument("--blends", type=list[float], default=DEFAULT_BLENDS, help="values of c to evaluate")
@@ -123,11 +122,6 @@ def _parser() -> ArgumentParser:
         help="evaluate only this many batches (default: the recipe's trainer.limit_val_batches when an integer)",
     )
     parser.add_argument("--output", type=str | None, default=None, help="also write the rows to this JSON file")
-    # The rest of a training recipe is accepted and ignored, so `ssmoe-eval` and `fit` share one file.
-    for key in ("model", "trainer", "optimizer", "lr_scheduler"):
-        parser.add_argument(f"--{key}", type=dict | None, default=None)
-    parser.add_argument("--seed_everything", type=bool | int, default=True)
-    parser.add_argument("--validate_before_fit", type=bool, default=True)
     return parser
 
 
