@@ -32,6 +32,7 @@ from sdmoe_train.data.config import DataConfig
 from sdmoe_train.data.documents import load_documents
 from sdmoe_train.data.tokenizer import encode_documents, eos_token_id
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.io import fsync_path
 
 CACHE_FORMAT_VERSION = 1
 """Bumped whenever the cache layout or the tokenization convention changes, invalidating old caches."""
@@ -196,14 +197,14 @@ def build_token_cache(config: DataConfig, tokenizer: Tokenizer) -> TokenCache:
     try:
         manifest = _build(config, tokenizer, fingerprint, staging)
         _write_json(staging / MANIFEST_FILE, manifest)
-        _fsync_path(staging)
+        fsync_path(staging)
         try:
             os.rename(staging, final)
         except OSError:
             # Another process (a second node sharing the file system) finished the same cache first.
             if not (final / MANIFEST_FILE).is_file():
                 raise
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return TokenCache.open(final)
@@ -271,12 +272,3 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
         json.dump(payload, handle, indent=2)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_path(path: Path) -> None:
-    # Makes the directory entries (new files, the final rename) durable, not only the file contents.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

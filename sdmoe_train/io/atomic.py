@@ -72,7 +72,7 @@ def publish(temp: str | Path, path: str | Path) -> None:
         _remove(old)
     else:
         os.replace(temp, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:
@@ -111,15 +111,16 @@ def _remove(path: Path) -> None:
 
 def _fsync_tree(path: Path) -> None:
     if path.is_file():
-        _fsync(path)
+        fsync_path(path)
         return
     for root, _, files in os.walk(path):
         for name in files:
-            _fsync(Path(root) / name)
-        _fsync(Path(root))
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flushes a file's data, or a directory's entries (new files, renames), to disk."""
     # Opening read-only works for files and directories alike; fsync flushes either.
     fd = os.open(path, os.O_RDONLY)
     try:
