@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
@@ -29,7 +29,9 @@ from sdmoe_train.models.hf_import import detect_hf_architecture
 from sdmoe_train.models.hf_io import TOKENIZER_FILES, export_model, import_model, read_hf_config
 from sdmoe_train.models.transformer import Transformer
 from sdmoe_train.moe.sdmoe import SDMoEConfig, apply_spectral_decoupling, is_decoupled_state, merge_spectral_decoupling
-from sdmoe_train.moe.ssmoe_router import is_spectral_state, without_spectral_rows
+from sdmoe_train.moe.ssmoe_router import SSMoEConfig, is_spectral_state, without_spectral_rows
+
+ConfigT = TypeVar("ConfigT")
 
 IMPORTED_ARCH_FILE = "model.yaml"
 IMPORTED_WEIGHTS_FILE = "model.ckpt"
@@ -47,6 +49,11 @@ def _arch(value: TransformerConfig | dict[str, Any]) -> TransformerConfig:
     return TransformerConfig(
         **fields, attention=AttentionConfig(**attention), moe=None if moe is None else MoEConfig(**moe)
     )
+
+
+def _config_hparam(value: Any, config_type: type[ConfigT]) -> ConfigT | None:
+    """A config hyper-parameter as its dataclass (checkpoints written under LightningCLI store plain dicts)."""
+    return value if value is None or isinstance(value, config_type) else config_type(**value)
 
 
 def load_checkpoint_model(ckpt_path: str | Path, drop_ssmoe: bool = False) -> Transformer:
@@ -74,8 +81,8 @@ def load_checkpoint_model(ckpt_path: str | Path, drop_ssmoe: bool = False) -> Tr
     state = model_state(checkpoint)
     if is_spectral_state(state):
         if not drop_ssmoe:
-            ssmoe = hparams.get("ssmoe")
-            blend = f", c={ssmoe.c}" if ssmoe is not None and hasattr(ssmoe, "c") else ""
+            ssmoe = _config_hparam(hparams.get("ssmoe"), SSMoEConfig)
+            blend = f", c={ssmoe.c}" if ssmoe is not None else ""
             raise ConfigError(
                 f"{path} routes with SSMoE spectral routers (ssmoe.enabled=true{blend}), and transformers has no "
                 "such router, so the exported model could not route like this checkpoint. Pass --drop_ssmoe to "
@@ -85,10 +92,10 @@ def load_checkpoint_model(ckpt_path: str | Path, drop_ssmoe: bool = False) -> Tr
         state = without_spectral_rows(state)
     decoupled = is_decoupled_state(state)
     if decoupled:
-        sdmoe = hparams.get("sdmoe")
+        sdmoe = _config_hparam(hparams.get("sdmoe"), SDMoEConfig)
         if sdmoe is None:
             raise ConfigError(f"{path}: expert banks are SD-MoE decoupled but the 'sdmoe' hyper-parameter is missing")
-        apply_spectral_decoupling(model, sdmoe if isinstance(sdmoe, SDMoEConfig) else SDMoEConfig(**sdmoe))
+        apply_spectral_decoupling(model, sdmoe)
     model.load_state_dict(state, strict=True)
     if decoupled:
         merge_spectral_decoupling(model)
