@@ -1,14 +1,16 @@
 """Training-step time and peak memory of SD-MoE (arXiv 2602.12556) vs the vanilla MoE, on CPU.
 
 One step is what ``PretrainModule`` runs per optimizer step: forward, backward, the SD-MoE gradient split,
-gradient clipping, AdamW, then the SD-MoE step end. The two variants are timed alternately, one step each,
-in one process, so machine noise hits both alike; medians are reported. The basis refresh that the step
-end runs every ``refresh_every`` steps is timed separately (``refresh_bases``, full and low-rank SVD) and
-amortised: SD-MoE time = median step + refresh / refresh_every. Peak memory is the growth of the peak
-resident set (``VmHWM``, Linux) over the process's size after imports, for each variant in a fresh
-subprocess (the peak never goes down, so variants cannot share a process). Last, one expert bank of the
-headline config is timed (fwd+bwd) as a plain bank, with SD-MoE proxies ``W_c + W_u``, and with the
-alternative that applies W_c once to all routed rows (``x @ W_cᵀ``) next to a grouped GEMM on W_u.
+gradient clipping, AdamW, then the SD-MoE step end. Each variant lives in its own worker process, so the two
+never share allocator state (on CPU, where a large buffer lands decides whether a step page-faults it in
+again, which moved single phases by tens of ms when both models shared one process); the parent steps the
+two workers alternately, one step each, so machine noise hits both alike, and reports medians of the times
+the workers measure around their steps. The basis refresh that the step end runs every ``refresh_every``
+steps is timed separately in the SD-MoE worker (``refresh_bases``, full and low-rank SVD) and amortised:
+SD-MoE time = median step + refresh / refresh_every. Peak memory is each worker's growth of the peak
+resident set (``VmHWM``, Linux) over its size after imports. Last, one expert bank of the headline config
+is timed (fwd+bwd) as a plain bank, with SD-MoE proxies ``W_c + W_u``, and with the alternative that
+applies W_c once to all routed rows (``x @ W_cᵀ``) next to a grouped GEMM on W_u.
 
     python benchmarks/sdmoe_overhead.py --out benchmarks/results/sdmoe_overhead.json
 """
@@ -69,7 +71,12 @@ def mid_size() -> TransformerConfig:
 
 CONFIGS: dict[str, tuple[Callable[[], TransformerConfig], int]] = {
     "tiny": (tiny_qwen_moe, 8),  # recipes/tiny_qwen_cpu.yaml: batch 8 x 256 tokens
-    "mid": (mid_size, 4),
+    # 16 x 256 tokens route 512 rows to the average expert, as many as the expert is wide, so the expert
+    # GEMMs are compute-bound as in real pretraining (rows per expert >> width there). The headline.
+    "mid": (mid_size, 16),
+    # 4 x 256 tokens: 128 rows per expert, a weight-bound corner where per-step costs that scale with the
+    # parameters (AdamW, the SD-MoE split) weigh 4x more against the token work; reported next to it.
+    "mid_small_batch": (mid_size, 4),
 }
 SEQ_LEN = 256
 
@@ -79,7 +86,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    parser.add_argument("--memory-steps", type=int, default=3, help="steps run by each memory subprocess")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--refresh-every", type=int, default=16)
     parser.add_argument(
@@ -91,7 +97,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--memory-child", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -142,32 +148,84 @@ def _median_seconds(function: Callable[[], object], repeats: int) -> float:
     return statistics.median(samples)
 
 
-def time_round_robin(config: str, args: argparse.Namespace) -> dict:
+VARIANTS = ("vanilla", "sdmoe")
+
+
+def worker(config: str, variant: str, args: argparse.Namespace) -> None:
+    """Serve one variant to the parent: a JSON line per command read from stdin (``step``, ``refresh SVD``,
+    ``memory``), after a first line with the parameter count."""
+    baseline = _peak_rss_bytes()
     # The timed SD-MoE model never reaches a refresh; the refresh (exactly what the step end calls every
-    # refresh_every steps) is timed on its own below and amortised, for both SVD methods.
-    never = dataclasses.replace(sdmoe_config(args, True), refresh_every=2**62)
-    trainees = {
-        "vanilla": Trainee(config, sdmoe_config(args, False), args.accumulate),
-        "sdmoe": Trainee(config, never, args.accumulate),
-    }
-    for _ in range(args.warmup):
-        for trainee in trainees.values():
-            trainee.step()
-    samples: dict[str, list[float]] = {name: [] for name in trainees}
-    for _ in range(args.steps):
-        for name, trainee in trainees.items():
+    # refresh_every steps) is timed on its own on request and amortised by the parent.
+    sdmoe = dataclasses.replace(sdmoe_config(args, variant == "sdmoe"), refresh_every=2**62)
+    trainee = Trainee(config, sdmoe, args.accumulate)
+    print(json.dumps({"parameters": sum(p.numel() for p in trainee.model.parameters())}), flush=True)
+    for command in sys.stdin:
+        name, *operands = command.split()
+        if name == "step":
             start = time.perf_counter()
             trainee.step()
-            samples[name].append(time.perf_counter() - start)
+            reply: dict = {"seconds": time.perf_counter() - start}
+        elif name == "refresh":
+            for bank in decoupled_banks(trainee.model):
+                bank.config = dataclasses.replace(bank.config, svd=operands[0])
+            reply = {"seconds": _median_seconds(lambda: refresh_bases(trainee.model), repeats=5)}
+        elif name == "memory":
+            reply = {"baseline_bytes": baseline, "peak_growth_bytes": _peak_rss_bytes() - baseline}
+        else:
+            raise ValueError(f"unknown worker command {command!r}")
+        print(json.dumps(reply), flush=True)
+
+
+class Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, config: str, variant: str, args: argparse.Namespace) -> None:
+        command = [sys.executable, __file__, "--worker", config, variant, "--rank", str(args.rank)]
+        command += ["--refresh-every", str(args.refresh_every), "--svd", args.svd, "--accumulate", str(args.accumulate)]
+        command += ["--strict"] * args.strict + (["--threads", str(args.threads)] if args.threads else [])
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.parameters = self._reply()["parameters"]
+
+    def ask(self, command: str) -> dict:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._reply()
+
+    def _reply(self) -> dict:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker {self.process.args} exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def measure(config: str, args: argparse.Namespace) -> dict:
+    """Step times (round-robin over the two workers), amortised refresh and peak memory of one config."""
+    workers = {variant: Worker(config, variant, args) for variant in VARIANTS}
+    try:
+        samples: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+        for repeat in range(args.warmup + args.steps):
+            for variant, handle in workers.items():
+                seconds = handle.ask("step")["seconds"]
+                if repeat >= args.warmup:
+                    samples[variant].append(seconds)
+        refresh = {svd: workers["sdmoe"].ask(f"refresh {svd}")["seconds"] for svd in ("full", "lowrank")}
+        memory = {variant: handle.ask("memory") for variant, handle in workers.items()}
+        parameters = {variant: handle.parameters for variant, handle in workers.items()}
+    finally:
+        for handle in workers.values():
+            handle.close()
     vanilla = statistics.median(samples["vanilla"])
     ordinary = statistics.median(samples["sdmoe"])
-    model = trainees["sdmoe"].model
-    refresh = {}
-    for svd in ("full", "lowrank"):
-        for bank in decoupled_banks(model):
-            bank.config = dataclasses.replace(bank.config, svd=svd)
-        refresh[svd] = _median_seconds(lambda: refresh_bases(model), repeats=5)
     amortised = {svd: ordinary + seconds / args.refresh_every for svd, seconds in refresh.items()}
+    vanilla_growth, sdmoe_growth = (memory[variant]["peak_growth_bytes"] for variant in VARIANTS)
     return {
         "vanilla_ms": round(vanilla * 1e3, 2),
         "sdmoe_step_ms": round(ordinary * 1e3, 2),
@@ -175,22 +233,26 @@ def time_round_robin(config: str, args: argparse.Namespace) -> dict:
         "sdmoe_amortised_ms": {svd: round(seconds * 1e3, 2) for svd, seconds in amortised.items()},
         "overhead_ratio": amortised[args.svd] / vanilla,
         "overhead_ratio_by_svd": {svd: seconds / vanilla for svd, seconds in amortised.items()},
-        "parameters": {name: sum(p.numel() for p in t.model.parameters()) for name, t in trainees.items()},
+        "parameters": parameters,
+        "tokens_per_step": CONFIGS[config][1] * SEQ_LEN * args.accumulate,
+        "vanilla_peak_growth_mib": round(vanilla_growth / 2**20, 1),
+        "sdmoe_peak_growth_mib": round(sdmoe_growth / 2**20, 1),
+        "process_baseline_mib": round(memory["vanilla"]["baseline_bytes"] / 2**20, 1),
+        "peak_memory_ratio": sdmoe_growth / vanilla_growth,
     }
 
 
 def _shared_gemm_forward(
     bank: DecoupledExpertBank, x_ND: Tensor, tokens_per_expert_E: Tensor, weights_N: Tensor
 ) -> Tensor:
-    """The rejected alternative to proxies: ``x @ W_cᵀ`` once over all routed rows + grouped GEMM on W_u."""
-    gate_common, gate_unique, _, _ = bank.parts("gate")
-    up_common, up_unique, _, _ = bank.parts("up")
-    down_common, down_unique, _, _ = bank.parts("down")
-    gate_up_NF2 = grouped_linear(x_ND, torch.cat((gate_unique, up_unique), dim=1), tokens_per_expert_E)
-    gate_up_NF2 = gate_up_NF2 + x_ND @ torch.cat((gate_common, up_common)).T
-    gate_NF, up_NF = gate_up_NF2.chunk(2, dim=-1)
-    hidden_NF = F.silu(gate_NF) * up_NF * weights_N.unsqueeze(-1)
-    return grouped_linear(hidden_NF, down_unique, tokens_per_expert_E) + hidden_NF @ down_common.T
+    """The rejected alternative to proxies: a grouped GEMM on W_u plus ``x @ W_cᵀ`` once over all routed rows."""
+
+    def linear(matrix: str, rows_NI: Tensor) -> Tensor:
+        common_MN, unique_EMN, _, _ = bank.parts(matrix)
+        return grouped_linear(rows_NI, unique_EMN, tokens_per_expert_E) + rows_NI @ common_MN.T
+
+    hidden_NF = F.silu(linear("gate", x_ND)) * linear("up", x_ND) * weights_N.unsqueeze(-1)
+    return linear("down", hidden_NF)
 
 
 def time_proxy_alternatives(config: str, args: argparse.Namespace) -> dict:
@@ -230,50 +292,16 @@ def _peak_rss_bytes() -> int:
     return kib * 1024
 
 
-def memory_child(config: str, variant: str, args: argparse.Namespace) -> None:
-    """Run in a fresh process: print the peak-RSS growth of building and training one variant."""
-    baseline = _peak_rss_bytes()
-    trainee = Trainee(config, sdmoe_config(args, variant == "sdmoe"), args.accumulate)
-    for _ in range(args.memory_steps):
-        trainee.step()
-    print(json.dumps({"baseline_bytes": baseline, "peak_growth_bytes": _peak_rss_bytes() - baseline}))
-
-
-def measure_memory(config: str, args: argparse.Namespace) -> dict:
-    result = {}
-    for variant in ("vanilla", "sdmoe"):
-        command = [
-            sys.executable,
-            __file__,
-            "--memory-child",
-            config,
-            variant,
-            "--memory-steps",
-            str(args.memory_steps),
-        ]
-        command += ["--rank", str(args.rank), "--refresh-every", str(args.refresh_every), "--svd", args.svd]
-        command += ["--accumulate", str(args.accumulate)]
-        command += ["--strict"] * args.strict + (["--threads", str(args.threads)] if args.threads else [])
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        result[variant] = json.loads(output.strip().splitlines()[-1])
-    return {
-        "vanilla_peak_growth_mib": round(result["vanilla"]["peak_growth_bytes"] / 2**20, 1),
-        "sdmoe_peak_growth_mib": round(result["sdmoe"]["peak_growth_bytes"] / 2**20, 1),
-        "process_baseline_mib": round(result["vanilla"]["baseline_bytes"] / 2**20, 1),
-        "peak_memory_ratio": result["sdmoe"]["peak_growth_bytes"] / result["vanilla"]["peak_growth_bytes"],
-    }
-
-
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_child:
-        memory_child(*args.memory_child, args)
+    if args.worker:
+        worker(*args.worker, args)
         return
     per_config = {}
     for config in args.configs:
-        per_config[config] = {**time_round_robin(config, args), **measure_memory(config, args)}
+        per_config[config] = measure(config, args)
         row = per_config[config]
         amortised, ratios = row["sdmoe_amortised_ms"], row["overhead_ratio_by_svd"]
         print(

@@ -205,6 +205,7 @@ def prepare(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     replaced_handlers: dict = {}
     try:
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         PretrainCLI(
             PretrainModule,
             PretrainDataModule,
-            args=argv,
+            # None: LightningCLI reads sys.argv itself, and warns when given both.
+            args=None if from_command_line else argv,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={

@@ -56,8 +56,14 @@ def grouped_linear(x_ND: Tensor, weight_EOI: Tensor, tokens_per_expert_E: Tensor
 class ExpertBank(nn.Module):
     """E routed SwiGLU experts as three stacked weight banks (E × out × in per matrix).
 
-    Subclasses that reparameterise the experts (SD-MoE) override :meth:`expert_weights`, and
-    :meth:`applied_weights` where they can build the applied banks faster than from it.
+    Each matrix type runs as its own grouped GEMM. Concatenating gate and up into one (E, 2F, D) bank would
+    save one (N, D) input-gradient GEMM, but it costs a copy of both banks every forward and, on CPU, a
+    weight-gradient GEMM that is slower than the two halves together (measured with
+    ``benchmarks/sdmoe_overhead.py``'s mid-size bank, E = 16, D = F = 512, 2048 routed rows, 2 threads:
+    fwd+bwd 57 ms separate vs 69 ms concatenated; equal within noise at ``benchmarks/moe_layer.py``'s
+    64 experts of width 128).
+
+    Subclasses that reparameterise the experts (SD-MoE) override :meth:`expert_weights`.
     """
 
     def __init__(self, num_experts: int, hidden_dim: int, expert_hidden_dim: int) -> None:
@@ -70,15 +76,6 @@ class ExpertBank(nn.Module):
     def expert_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """The (gate, up, down) banks actually applied to tokens."""
         return self.gate_proj, self.up_proj, self.down_proj
-
-    def applied_weights(self) -> tuple[Tensor, Tensor]:
-        """The banks the forward pass multiplies with: gate and up concatenated (E, 2F, D), and down.
-
-        One GEMM over the concatenated gate/up bank produces the (N, D) input gradient with a single GEMM
-        instead of two plus an add; that buffer is (N, D)-sized, bandwidth-bound work.
-        """
-        gate_EFD, up_EFD, down_EDF = self.expert_weights()
-        return torch.cat((gate_EFD, up_EFD), dim=1), down_EDF
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor, weights_N: Tensor | None = None) -> Tensor:
         """Run every expert on its slice of the expert-sorted rows.
@@ -93,10 +90,9 @@ class ExpertBank(nn.Module):
         Returns:
             (N, D) expert outputs, row-aligned with ``x_ND``.
         """
-        gate_up_EF2D, down_EDF = self.applied_weights()
-        gate_up_NF2 = grouped_linear(x_ND, gate_up_EF2D, tokens_per_expert_E)
-        gate_NF, up_NF = gate_up_NF2.chunk(2, dim=-1)
-        hidden_NF = F.silu(gate_NF) * up_NF
+        gate_EFD, up_EFD, down_EDF = self.expert_weights()
+        gate_NF = grouped_linear(x_ND, gate_EFD, tokens_per_expert_E)
+        hidden_NF = F.silu(gate_NF) * grouped_linear(x_ND, up_EFD, tokens_per_expert_E)
         if weights_N is not None:
             hidden_NF = hidden_NF * weights_N.unsqueeze(-1).to(hidden_NF.dtype)
         return grouped_linear(hidden_NF, down_EDF, tokens_per_expert_E)

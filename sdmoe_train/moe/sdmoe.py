@@ -12,6 +12,14 @@ file owns the configuration, the expert bank and the per-step protocol; the matr
     finish_optimizer_step(model, reference)    # strict update projection, step count, refresh (§4, §5)
 
 and :func:`merge_spectral_decoupling` turns the model back into a plain MoE for inference and export (§6).
+
+Why the split runs once per step on the gradients and not inside the expert GEMMs' backward: projecting
+the activations there (``dy (I − P_U)`` and ``x (I − P_V)`` make the grouped weight GEMM return G_u
+directly, and W_c's gradient follows from k-wide coefficients) was prototyped on the mid-size bank of
+``benchmarks/sdmoe_overhead.py`` (E = 16, 512 × 512, 2048 routed rows, CPU): +7.5 ms per bank against
++11.6 ms for proxies plus the post-step split. But its cost grows with every micro-batch's tokens while the
+split is paid once per optimizer step, so it loses from about 4k tokens per step, and under bf16 autocast
+it could only stay in fp32 by running the weight GEMM in fp32.
 """
 
 # Shape key: E experts, M matrix rows (out), N matrix columns (in), K common rank, D model width,
@@ -92,38 +100,6 @@ def _derived_seed(*parts: int) -> int:
     return state & 0x7FFFFFFFFFFFFFFF
 
 
-class _StackedProxies(torch.autograd.Function):
-    """``cat([W_c[t] + W_u[t] for t], dim=1)`` written in one pass, for a run of matrix types t.
-
-    Inputs alternate ``(common or None, unique-or-plain bank)``. Against autograd's own ``add`` + ``cat``
-    this skips the separate (E, M, N) proxies and the concatenating copy, and it hands each unique part
-    its gradient block without the extra (E, M, N) copy that autograd makes when one gradient buffer
-    feeds both the broadcast sum (W_c) and the accumulation of W_u. Measured on the mid-size config of
-    ``benchmarks/sdmoe_overhead.py``: 12 fewer (16, 512, 512) copies per training step.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, *commons_and_banks: Tensor | None) -> Tensor:
-        commons, banks = commons_and_banks[0::2], commons_and_banks[1::2]
-        widths = [bank.shape[1] for bank in banks]
-        stacked_EMN = banks[0].new_empty(banks[0].shape[0], sum(widths), banks[0].shape[2])
-        for common_MN, bank_EMN, block_EMN in zip(commons, banks, stacked_EMN.split(widths, dim=1), strict=True):
-            if common_MN is None:
-                block_EMN.copy_(bank_EMN)
-            else:
-                torch.add(bank_EMN, common_MN, out=block_EMN)
-        ctx.widths = widths
-        ctx.has_common = [common_MN is not None for common_MN in commons]
-        return stacked_EMN
-
-    @staticmethod
-    def backward(ctx: Any, grad_EMN: Tensor) -> tuple[Tensor | None, ...]:
-        grads: list[Tensor | None] = []
-        for has_common, block_EMN in zip(ctx.has_common, grad_EMN.split(ctx.widths, dim=1), strict=True):
-            grads += [block_EMN.sum(0) if has_common else None, block_EMN]
-        return tuple(grads)
-
-
 class DecoupledExpertBank(ExpertBank):
     """Routed experts whose decomposed matrices are ``W_c + W_u[i]`` (spec §2), same dispatch path as the base.
 
@@ -135,15 +111,14 @@ class DecoupledExpertBank(ExpertBank):
     saved generator state.
 
     Proxy construction, chosen by measurement (``benchmarks/sdmoe_overhead.py``, mid-size config: E = 16,
-    D = F = 512, 2048 routed rows, 2 CPU threads; fwd+bwd of one bank, medians of 4 runs): plain bank
-    64–83 ms, broadcast ``W_c + W_u`` proxies 68–88 ms (+6–7 %), ``x @ W_cᵀ`` once over all routed rows
-    plus a grouped GEMM on W_u 117–143 ms (+73–83 %).
-    The proxy costs E·M·N element-wise work per matrix (and an E-way sum for W_c's gradient); the shared
-    GEMM costs 2·rows·M·N FLOPs per matrix forward and twice that backward, so it loses whenever routed
-    rows outnumber experts. On CPU most of the proxies' cost is first-touch page faults of the freshly
-    allocated (E, M, N) tensors: writing into persistent buffers instead saved ~4 % of a training step,
-    but keeps a second copy of every routed expert alive (fp32; tens of GB at the paper's 7B scale) and
-    buys nothing under CUDA's caching allocator, so the proxies stay ordinary temporaries.
+    D = F = 512, 8192 routed rows, 2 CPU threads; fwd+bwd of one bank, medians): plain bank 213 ms,
+    broadcast ``W_c + W_u`` proxies 219 ms (+2.5 %), ``x @ W_cᵀ`` once over all routed rows plus a grouped
+    GEMM on W_u 413 ms (+94 %). The proxy costs E·M·N element-wise work per matrix (and an E-way sum for
+    W_c's gradient; autograd hands W_u the proxy's gradient buffer itself, no copy); the shared GEMM costs
+    2·rows·M·N FLOPs per matrix forward and twice that backward, so it loses whenever routed rows outnumber
+    experts. Writing the proxies into persistent buffers would keep a second copy of every routed expert
+    alive (fp32; tens of GB at the paper's 7B scale) and buys nothing under CUDA's caching allocator, so they
+    stay ordinary temporaries (on CPU see the allocator tip in the README).
     """
 
     def __init__(self, base: ExpertBank, config: SDMoEConfig, init_stds: dict[MatrixType, float], layer_index: int):
@@ -184,21 +159,6 @@ class DecoupledExpertBank(ExpertBank):
         """The (gate, up, down) proxies ``W_c + W_u[i]``; a plain bank for types that are not decomposed."""
         gate_EFD, up_EFD, down_EDF = (self.proxy(matrix) for matrix in MATRIX_TYPES)
         return gate_EFD, up_EFD, down_EDF
-
-    def applied_weights(self) -> tuple[Tensor, Tensor]:
-        """Gate/up proxies written straight into the concatenated bank, and the down proxy (one pass each)."""
-        if "gate" in self.decomposed or "up" in self.decomposed:
-            gate_up_EF2D = _StackedProxies.apply(*self._common_and_bank("gate"), *self._common_and_bank("up"))
-        else:
-            gate_up_EF2D = torch.cat((self.gate_proj, self.up_proj), dim=1)
-        if "down" in self.decomposed:
-            return gate_up_EF2D, _StackedProxies.apply(*self._common_and_bank("down"))
-        return gate_up_EF2D, self.down_proj
-
-    def _common_and_bank(self, matrix: MatrixType) -> tuple[Tensor | None, Tensor]:
-        if matrix not in self.decomposed:
-            return None, getattr(self, f"{matrix}_proj")
-        return getattr(self, f"{matrix}_proj_common"), getattr(self, f"{matrix}_proj_unique")
 
     def proxy(self, matrix: MatrixType) -> Tensor:
         """The (E, M, N) weights applied for one matrix type."""

@@ -24,8 +24,11 @@ weights (see docs/distributed.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,20 @@ from torch import nn
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.parallel.expert_parallel import expert_sharded_names
 from sdmoe_train.parallel.groups import ExpertParallelGroups
+
+
+def _import_deepspeed_with_logs_on_stderr() -> None:
+    # DeepSpeed's logger binds `sys.stdout` when `import deepspeed` creates it and warns during that import
+    # on machines without CUDA. Importing it here first, with stdout pointed at stderr, keeps every DeepSpeed
+    # log line off stdout, which carries data (`fit --print_config > recipe.yaml`). jsonargparse would
+    # otherwise import it while resolving the annotations of Lightning's DeepSpeedStrategy.
+    if "deepspeed" in sys.modules or importlib.util.find_spec("deepspeed") is None:
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        importlib.import_module("deepspeed")
+
+
+_import_deepspeed_with_logs_on_stderr()
 
 LAYOUT_KEY = "sdmoe_train_layout"
 """Checkpoint entry recording the parallel layout a rank file was written with."""
