@@ -27,7 +27,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from reporting import environment, write_result
-from sdmoe_overhead import CONFIGS, SEQ_LEN
+from sdmoe_overhead import CONFIGS as SDMOE_CONFIGS
+from sdmoe_overhead import SEQ_LEN
 
 from sdmoe_train.lightning.callbacks import (
     GateAlignmentMonitor,
@@ -38,6 +39,9 @@ from sdmoe_train.lightning.callbacks import (
 from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
 from sdmoe_train.models.transformer import Transformer
 from sdmoe_train.moe.sdmoe import SDMoEConfig, apply_spectral_decoupling, finish_optimizer_step, project_gradients
+
+CONFIGS = {"tiny": SDMOE_CONFIGS["tiny"], "mid": SDMOE_CONFIGS["mid_small_batch"]}
+"""The mid-size model at 4 x 256 tokens per step, the batch docs/monitoring.md quotes."""
 
 
 def parse_args() -> argparse.Namespace:
