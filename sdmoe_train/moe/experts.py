@@ -58,10 +58,10 @@ class ExpertBank(nn.Module):
 
     Each matrix type runs as its own grouped GEMM. Concatenating gate and up into one (E, 2F, D) bank would
     save one (N, D) input-gradient GEMM, but it costs a copy of both banks every forward and, on CPU, a
-    weight-gradient GEMM that is slower than the two halves together (measured with
-    ``benchmarks/sdmoe_overhead.py``'s mid-size bank, E = 16, D = F = 512, 2048 routed rows, 2 threads:
-    fwd+bwd 57 ms separate vs 69 ms concatenated; equal within noise at ``benchmarks/moe_layer.py``'s
-    64 experts of width 128).
+    weight-gradient GEMM that is slower than the two halves together (A/B in one process on the expert
+    shape of ``benchmarks/sdmoe_overhead.py``'s mid-size model, E = 16, D = F = 512, 2048 routed rows,
+    2 threads: fwd+bwd 57 ms separate vs 69 ms concatenated; equal within noise at
+    ``benchmarks/moe_layer.py``'s 64 experts of width 128).
 
     Subclasses that reparameterise the experts (SD-MoE) override :meth:`expert_weights`.
     """

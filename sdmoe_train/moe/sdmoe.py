@@ -15,11 +15,11 @@ and :func:`merge_spectral_decoupling` turns the model back into a plain MoE for 
 
 Why the split runs once per step on the gradients and not inside the expert GEMMs' backward: projecting
 the activations there (``dy (I − P_U)`` and ``x (I − P_V)`` make the grouped weight GEMM return G_u
-directly, and W_c's gradient follows from k-wide coefficients) was prototyped on the mid-size bank of
-``benchmarks/sdmoe_overhead.py`` (E = 16, 512 × 512, 2048 routed rows, CPU): +7.5 ms per bank against
-+11.6 ms for proxies plus the post-step split. But its cost grows with every micro-batch's tokens while the
-split is paid once per optimizer step, so it loses from about 4k tokens per step, and under bf16 autocast
-it could only stay in fp32 by running the weight GEMM in fp32.
+directly, and W_c's gradient follows from k-wide coefficients) was prototyped on the expert shape of
+``benchmarks/sdmoe_overhead.py``'s mid-size model (E = 16, 512 × 512, 2048 routed rows, CPU): +7.5 ms
+per bank against +11.6 ms for proxies plus the post-step split. But its cost grows with every
+micro-batch's tokens while the split is paid once per optimizer step, so it loses from about 4k tokens
+per step, and under bf16 autocast it could only stay in fp32 by running the weight GEMM in fp32.
 """
 
 # Shape key: E experts, M matrix rows (out), N matrix columns (in), K common rank, D model width,
