@@ -12,7 +12,7 @@ free to collapse). Four scenarios are then evaluated on held-out text:
   layer, so that expert 0 wins almost every token.
 
 For each scenario and each blend weight c in {0, 0.25, 0.5, 1} three second routers are blended with the
-learned one exactly as SSMoE blends U (spec §3, §7): ``ssmoe`` (U from the experts' singular vectors),
+learned one exactly as SSMoE blends U (docs/design/ssmoe.md §3, §7): ``ssmoe`` (U from the experts' singular vectors),
 ``uniform`` (U = 0, i.e. ``(1 − c)·p + c/E``) and ``random`` (random orthonormal rows with the norms of U).
 c = 0 is the learned router for all three. Reported per cell: load entropy / log E, dead-expert fraction and
 coefficient of variation of the expert loads (averaged over MoE layers; loads over the whole evaluation

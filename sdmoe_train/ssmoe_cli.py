@@ -23,8 +23,8 @@ from jsonargparse import ArgumentParser
 from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.module import PretrainModule, language_model_loss
-from sdmoe_train.models.transformer import Transformer
+from sdmoe_train.lightning.module import PretrainModule
+from sdmoe_train.models.transformer import Transformer, language_model_loss
 from sdmoe_train.moe.diagnostics import load_health
 from sdmoe_train.moe.ssmoe_router import SSMoEConfig, set_spectral_blend, spectral_routers
 from sdmoe_train.recipe_parser import recipe_data_parser

@@ -1,6 +1,6 @@
 """Named architectures. A new Qwen or DeepSeek variant is a new function here, not a new model file.
 
-Paper-scale presets follow SD-MoE (arXiv 2602.12556) §9 of ``shared/spec/sdmoe.md``. Where the paper is
+Paper-scale presets follow SD-MoE (arXiv 2602.12556) §9 of ``docs/design/sdmoe.md``. Where the paper is
 silent we decide, and say so: shared-expert width 2048 for both Qwen-style sizes, 12 query / 4 key-value
 heads of width 128 for the 7B trunk, Qwen's 151 936-token vocabulary, and DeepSeek-style scoring
 (sigmoid, aux-loss-free bias) for the DeepSeek trunk. ``count_parameters`` gives (non-embedding,

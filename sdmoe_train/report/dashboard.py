@@ -150,8 +150,8 @@ def build_dashboard(runs: list[RunLog], title: str) -> str:
     body = [f"<h1>{escape(title)}</h1>"]
     body.append("<p>Runs: " + ", ".join(f"<b>{escape(run.label)}</b>" for run in runs) + ". ")
     body.append(
-        "Definitions: <code>docs/monitoring.md</code> (spec §8). Steps are optimizer steps; monitors log every "
-        "<code>every_n_steps</code>.</p>"
+        "Definitions: <code>docs/monitoring.md</code> (docs/design/sdmoe.md §8). Steps are optimizer steps; "
+        "monitors log every <code>every_n_steps</code>.</p>"
     )
     for section, charts in SECTIONS:
         rendered = [svg for chart_title, metrics in charts if (svg := _chart(runs, chart_title, metrics))]

@@ -1,4 +1,4 @@
-"""Alignment of router rows with the dominant directions of each MoE layer's input space (spec §8)."""
+"""Alignment of router rows with the dominant directions of each MoE layer's input space (docs/design/sdmoe.md §8)."""
 
 # Shape key: B sequences, S tokens, T = B·S tokens, D model width, E experts, L experts on this rank, F expert
 # width, K directions.
@@ -13,7 +13,6 @@ from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, expert_groups, layer_name
-from sdmoe_train.lightning.callbacks.spectral_overlap import expert_matrices
 from sdmoe_train.moe.diagnostics import (
     gate_alignment,
     row_gram,
@@ -99,7 +98,7 @@ class GateAlignmentMonitor(IntervalMonitor):
         figures: list[Figure] = []
         summaries: dict[str, list[Tensor]] = {}
         for index, layer in self.monitored:
-            gate_LFD, up_LFD = (expert_matrices(layer.experts, matrix)["proxy"] for matrix in ("gate", "up"))
+            gate_LFD, up_LFD = (layer.experts.applied_weight(matrix) for matrix in ("gate", "up"))
             local_gram_DD = row_gram(torch.cat((gate_LFD, up_LFD), dim=1).flatten(0, 1))
             directions = {
                 "hidden": top_right_singular_vectors(hidden[index], self.directions),

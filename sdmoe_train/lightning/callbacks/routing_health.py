@@ -1,4 +1,4 @@
-"""Routing health of the MoE layers: loads, balance statistics, balancing losses and biases (spec §8)."""
+"""Routing health of the MoE layers: loads, balance, balancing losses and biases (docs/design/sdmoe.md §8)."""
 
 # Shape key: L monitored layers, E experts.
 
@@ -13,7 +13,6 @@ from torch import Tensor
 
 from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
 from sdmoe_train.moe.diagnostics import load_health
-from sdmoe_train.moe.ssmoe_router import SpectralRouter, router_diagnostics
 
 
 class RoutingHealthMonitor(IntervalMonitor):
@@ -31,7 +30,7 @@ class RoutingHealthMonitor(IntervalMonitor):
     ranks; tokens per expert = load fraction × this), the interval means of ``load_balance_loss``,
     ``seq_balance_loss`` and ``z_loss``, and ``bias_abs_mean`` (aux-loss-free balancing biases). With
     ``per_expert`` also ``routing/load_fraction/layer_NN/expert_EE`` and ``routing/bias/layer_NN/expert_EE``.
-    Layers routed by SSMoE (``model.ssmoe``) add its diagnostics (ssmoe spec §6) as
+    Layers routed by SSMoE (``model.ssmoe``) add its diagnostics (docs/design/ssmoe.md §6) as
     ``routing/ssmoe_<quantity>/layer_NN``: ``row_cos_mean``, ``learned_cos_mean``, ``spectral_entropy`` and
     ``changed_share`` (the loads above already count SSMoE's final selection).
     Figures: the load fractions of each layer as a bar chart.
@@ -101,9 +100,8 @@ class RoutingHealthMonitor(IntervalMonitor):
             for (index, _), value in zip(self.monitored, values_L, strict=True):
                 scalars[f"routing/{name}/{layer_name(index)}"] = value
         for index, layer in self.monitored:
-            if isinstance(layer.router, SpectralRouter):
-                for name, value in router_diagnostics(layer.router).items():
-                    scalars[f"routing/ssmoe_{name}/{layer_name(index)}"] = value
+            for name, value in layer.router.diagnostics().items():
+                scalars[f"routing/ssmoe_{name}/{layer_name(index)}"] = value
         figures = []
         for row, (index, _) in enumerate(self.monitored):
             figures.append(

@@ -1,4 +1,4 @@
-"""Parameter spectral overlap between the routed experts of each MoE layer (spec §8, our definition)."""
+"""Parameter spectral overlap between the routed experts of each MoE layer (docs/design/sdmoe.md §8, our definition)."""
 
 # Shape key: E experts, L experts on this rank, M matrix rows (out), N matrix columns (in), R diagnostic rank.
 
@@ -13,7 +13,7 @@ from torch import Tensor
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, expert_groups, layer_name
 from sdmoe_train.moe.diagnostics import SVDMethod, off_diagonal_mean_max, subspace_similarity
-from sdmoe_train.moe.sdmoe import MATRIX_TYPES, DecoupledExpertBank, MatrixType
+from sdmoe_train.moe.experts import MATRIX_TYPES, ExpertBank, MatrixType
 from sdmoe_train.parallel.groups import ExpertParallelGroups
 from sdmoe_train.parallel.monitoring import expert_subspaces
 
@@ -27,13 +27,12 @@ def check_svd_method(monitor: str, svd: str) -> SVDMethod:
     return svd  # type: ignore[return-value]
 
 
-def expert_matrices(bank: Any, matrix: MatrixType) -> dict[str, Tensor]:
+def expert_matrices(bank: ExpertBank, matrix: MatrixType) -> dict[str, Tensor]:
     """(L, M, N) stacks of this rank's experts, one matrix type: ``proxy`` always, ``unique`` if SD-MoE splits it."""
-    if not isinstance(bank, DecoupledExpertBank):
-        return {"proxy": getattr(bank, f"{matrix}_proj")}
-    parts = {"proxy": bank.proxy(matrix)}
-    if matrix in bank.decomposed:
-        parts["unique"] = bank.parts(matrix)[1]
+    parts = {"proxy": bank.applied_weight(matrix)}
+    unique_LMN = bank.unique_part(matrix)
+    if unique_LMN is not None:
+        parts["unique"] = unique_LMN
     return parts
 
 
@@ -142,11 +141,9 @@ def side_similarities(
     return subspace_similarity(left_EMR), subspace_similarity(right_ENR)
 
 
-def check_rank(monitor: str, rank: int, bank: Any, matrices: list[MatrixType]) -> None:
+def check_rank(monitor: str, rank: int, bank: ExpertBank, matrices: list[MatrixType]) -> None:
     """Raise ConfigError unless ``rank`` is in [1, min(out, in)) of every measured expert matrix."""
-    gate_EFD, up_EFD, down_EDF = bank.expert_weights()
-    shapes = {"gate": gate_EFD.shape[1:], "up": up_EFD.shape[1:], "down": down_EDF.shape[1:]}
-    smallest = min(min(shapes[matrix]) for matrix in matrices)
+    smallest = min(min(bank.applied_weight(matrix).shape[1:]) for matrix in matrices)
     if not 1 <= rank < smallest:
         raise ConfigError(
             f"{monitor}.rank={rank} must lie in [1, {smallest - 1}]: below the smaller side of every measured "
