@@ -35,10 +35,10 @@ import torch
 from reporting import environment, write_result
 from torch import Tensor
 
+from sdmoe_train.cli.ssmoe_eval import evaluate_blend
 from sdmoe_train.models.config import AttentionConfig, MoEConfig, TransformerConfig
 from sdmoe_train.models.transformer import Transformer
 from sdmoe_train.moe.ssmoe_router import SSMoEConfig, apply_spectral_routing, set_spectral_blend, spectral_routers
-from sdmoe_train.ssmoe_cli import evaluate_blend
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "data" / "shakespeare"
 BLENDS = (0.0, 0.25, 0.5, 1.0)

@@ -31,9 +31,10 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from sdmoe_train.checkpointing.model_state import model_state
+from sdmoe_train.checkpointing.run_identity import IDENTITY_KEY, check_resume_compatibility, run_identity
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
-from sdmoe_train.lightning.run_identity import IDENTITY_KEY, check_resume_compatibility, run_identity
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
 from sdmoe_train.models.transformer import MoEAux, Transformer, language_model_loss
 from sdmoe_train.moe.diagnostics import load_health
@@ -63,16 +64,6 @@ torch.serialization.add_safe_globals(
     [TransformerConfig, AttentionConfig, MLAConfig, MoEConfig, OptimConfig, SDMoEConfig, SSMoEConfig, ParallelConfig]
     + [(MoEConfig, "sdmoe_train.models.config.MoEConfig")]
 )
-
-
-MODEL_PREFIX = "model."
-"""Checkpoint ``state_dict`` keys of the transformer start with this (the ``model`` attribute)."""
-
-
-def model_state(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
-    """The transformer's own ``state_dict`` inside a :class:`PretrainModule` checkpoint (prefix removed)."""
-    state = checkpoint.get("state_dict", {})
-    return {key.removeprefix(MODEL_PREFIX): value for key, value in state.items() if key.startswith(MODEL_PREFIX)}
 
 
 def _read_model_weights(path: str) -> dict[str, Tensor]:

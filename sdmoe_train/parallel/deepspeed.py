@@ -12,9 +12,9 @@
   scale does not depend on ``ep_size``).
 - Checkpoints: DeepSpeed's own MoE checkpoint format keys experts by its ``deepspeed_moe`` module names, so
   each rank instead writes one file ``rank_XXXXX.pt`` into the checkpoint directory with its model shard
-  and its ZeRO optimizer partition. Resuming needs the same world size and ``ep_size``;
-  :func:`sdmoe_train.parallel.checkpoint.consolidate_checkpoint` turns a directory into one file that any
-  layout starts from (``model.init_from``).
+  and its ZeRO optimizer partition (:mod:`sdmoe_train.parallel.rank_files`). Resuming needs the same world
+  size and ``ep_size``; ``sdmoe-train consolidate`` (:mod:`sdmoe_train.checkpointing.consolidate`) turns a
+  directory into one file that any layout starts from (``model.init_from``).
 
 ZeRO stage 3 is refused with a ConfigError: with expert parallelism DeepSpeed itself rejects it ("Native
 DeepSpeed MoE is not supported with ZeRO Stage 3"), and without it the first backward fails on partitioned
@@ -42,6 +42,7 @@ from torch import nn
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.parallel.expert_parallel import expert_sharded_names
 from sdmoe_train.parallel.groups import ExpertParallelGroups
+from sdmoe_train.parallel.rank_files import LAYOUT_KEY, rank_file
 
 
 def _import_deepspeed_with_logs_on_stderr() -> None:
@@ -56,14 +57,6 @@ def _import_deepspeed_with_logs_on_stderr() -> None:
 
 
 _import_deepspeed_with_logs_on_stderr()
-
-LAYOUT_KEY = "sdmoe_train_layout"
-"""Checkpoint entry recording the parallel layout a rank file was written with."""
-
-
-def rank_file(directory: str | Path, global_rank: int) -> Path:
-    """The file of one rank inside a checkpoint directory."""
-    return Path(directory) / f"rank_{global_rank:05d}.pt"
 
 
 def _skip_shm_comm_build() -> None:
@@ -178,7 +171,7 @@ class MoEDeepSpeedStrategy(DeepSpeedStrategy):
             raise ConfigError(
                 f"ckpt_path={str(checkpoint_path)!r} has no {path.name}: resuming with {type(self).__name__} takes "
                 "a checkpoint directory it wrote with the same number of processes; to start from other weights "
-                "use model.init_from (with a file from `python -m sdmoe_train.parallel.checkpoint`)"
+                "use model.init_from (with a file from `sdmoe-train consolidate`)"
             )
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         saved, current = checkpoint[LAYOUT_KEY], self._layout()
@@ -187,7 +180,7 @@ class MoEDeepSpeedStrategy(DeepSpeedStrategy):
                 raise ConfigError(
                     f"ckpt_path={str(checkpoint_path)!r} was written with {key}={saved[key]}, this run has "
                     f"{key}={current[key]}; resume with the same layout, or consolidate it "
-                    "(`python -m sdmoe_train.parallel.checkpoint DIR OUT.ckpt`) and start from it with model.init_from"
+                    "(`sdmoe-train consolidate DIR OUT.ckpt`) and start from it with model.init_from"
                 )
         return checkpoint
 

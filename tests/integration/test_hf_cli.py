@@ -71,7 +71,7 @@ def test_export_then_import_restores_the_trained_model(preset: str, tmp_path: Pa
 
 @pytest.mark.parametrize("plain_hparams", [False, True], ids=["typed-hparams", "cli-dict-hparams"])
 def test_sdmoe_checkpoint_is_merged_into_plain_experts_before_export(plain_hparams: bool, tmp_path: Path) -> None:
-    from sdmoe_train.models.hf_io import import_model
+    from sdmoe_train.interop.hf.driver import import_model
 
     module = PretrainModule(_config("tiny_qwen_moe"), sdmoe=SDMoEConfig(enabled=True, rank=2))
     with torch.no_grad():

@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from sdmoe_train.cli import main
+from sdmoe_train.interop.hf.driver import export_model, import_model
 from sdmoe_train.models import presets
 from sdmoe_train.models.config import MLAConfig, TransformerConfig
-from sdmoe_train.models.hf_io import export_model, import_model
 from sdmoe_train.models.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -86,7 +86,7 @@ def test_exported_model_logits_match_transformers(case: str, tmp_path: Path) -> 
         for _, layer in model.moe_layers():
             if config.moe.score_fn == "sigmoid":
                 layer.router.selection_bias.copy_(torch.randn(config.moe.num_experts) * 0.1)
-    assert export_model(model, tmp_path, max_shard_size="100KB") == arch
+    assert export_model(model, tmp_path, max_shard_size="100KB").arch == arch
     tokens = torch.randint(0, VOCAB, (2, 24))
     with torch.no_grad():
         ours = model(tokens).logits

@@ -9,19 +9,25 @@ import pytest
 import torch
 
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.interop.hf.driver import config_from_hf, export_adapter, from_hf_state_dict, hf_config
+from sdmoe_train.interop.hf.driver import to_hf_state_dict as driver_to_hf_state_dict
+from sdmoe_train.interop.hf.families import adapter_for
+from sdmoe_train.interop.hf.families.deepseek_v3 import permute_rope_rows
 from sdmoe_train.models import presets
 from sdmoe_train.models.config import MLAConfig, TransformerConfig
-from sdmoe_train.models.hf_export import (
-    _permute_rope_rows,
-    check_exportable,
-    detect_architecture,
-    hf_config,
-    to_hf_state_dict,
-)
-from sdmoe_train.models.hf_import import config_from_hf, from_hf_state_dict
 from sdmoe_train.models.transformer import Transformer
 
 BANKS = ("gate_proj", "up_proj", "down_proj")
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], config: TransformerConfig, arch: str) -> dict[str, torch.Tensor]:
+    adapter = adapter_for(arch)
+    return driver_to_hf_state_dict(state, config, adapter, hf_config(config, adapter))
+
+
+def from_hf(tensors: dict[str, torch.Tensor], config: TransformerConfig, arch: str) -> dict[str, torch.Tensor]:
+    adapter = adapter_for(arch)
+    return from_hf_state_dict(tensors, config, adapter, hf_config(config, adapter))
 
 
 def _small(name: str) -> TransformerConfig:
@@ -60,7 +66,7 @@ def test_every_expert_matrix_lands_in_its_own_hf_key_and_comes_back(preset: str,
                 matrix = hf[f"model.layers.{layer}.mlp.experts.{expert}.{bank}.weight"]
                 assert torch.all(matrix == 10_000 * layer + 1_000 * bank_index + expert)
     assert "model.layers.0.mlp.gate_proj.weight" in hf and "model.layers.0.mlp.experts.0.up_proj.weight" not in hf
-    back = from_hf_state_dict(hf, config, arch)
+    back = from_hf(hf, config, arch)
     assert back.keys() == state.keys()
     for key in state:
         assert torch.equal(back[key], state[key]), key
@@ -68,10 +74,10 @@ def test_every_expert_matrix_lands_in_its_own_hf_key_and_comes_back(preset: str,
 
 def test_mla_rope_rows_are_interleaved_for_hf_and_restored_on_import() -> None:
     weight = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(12, 3)  # 2 heads of 2 nope + 4 rope rows
-    interleaved = _permute_rope_rows(weight, heads=2, rope_dim=4, to_interleaved=True)
+    interleaved = permute_rope_rows(weight, heads=2, rope_dim=4, to_interleaved=True)
     # Per head: nope rows 0, 1 stay; our rope rows (2, 3 | 4, 5) become pairs (2, 4), (3, 5).
     assert interleaved[:, 0].tolist() == [0, 3, 6, 12, 9, 15, 18, 21, 24, 30, 27, 33]
-    assert torch.equal(_permute_rope_rows(interleaved, heads=2, rope_dim=4, to_interleaved=False), weight)
+    assert torch.equal(permute_rope_rows(interleaved, heads=2, rope_dim=4, to_interleaved=False), weight)
 
 
 def test_deepseek_selection_bias_travels_as_correction_bias() -> None:
@@ -85,10 +91,10 @@ def test_deepseek_selection_bias_travels_as_correction_bias() -> None:
 @pytest.mark.parametrize(("preset", "arch"), [("tiny_qwen_moe", "qwen2_moe"), ("tiny_deepseek_moe", "deepseek_v3")])
 def test_config_round_trips_through_config_json(preset: str, arch: str) -> None:
     config = _small(preset)
-    assert detect_architecture(config) == arch
-    settings = json.loads(json.dumps(hf_config(config, arch)))
+    assert export_adapter(config).model_type == arch
+    settings = json.loads(json.dumps(hf_config(config, adapter_for(arch))))
     back = config_from_hf(settings)
-    assert hf_config(back, arch) == settings
+    assert hf_config(back, adapter_for(arch)) == settings
     assert back.attention == config.attention or arch == "qwen2_moe"  # Qwen spells head_dim out
     assert back.moe.num_experts == config.moe.num_experts and back.moe.first_k_dense == config.moe.first_k_dense
 
@@ -98,7 +104,7 @@ def test_export_refusal_lists_every_differing_setting() -> None:
     config.attention.mla = MLAConfig(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
     config.moe.score_fn, config.moe.capacity_factor, config.moe.routed_scaling_factor = "sigmoid", 1.25, 2.0
     with pytest.raises(ConfigError) as error:
-        check_exportable(config, "qwen2_moe")
+        adapter_for("qwen2_moe").check_exportable(config)
     message = str(error.value)
     for setting in ("attention.mla", "moe.score_fn=sigmoid", "moe.capacity_factor=1.25", "routed_scaling_factor=2.0"):
         assert setting in message
@@ -109,7 +115,7 @@ def test_deepseek_refusal_names_gate_width_and_norm_eps() -> None:
     config.norm_eps, config.moe.shared_expert_gate, config.moe.shared_expert_hidden_dim = 1e-5, True, 32
     config.moe.group_score_fn = "max"
     with pytest.raises(ConfigError) as error:
-        check_exportable(config, "deepseek_v3")
+        adapter_for("deepseek_v3").check_exportable(config)
     settings = ("arch.norm_eps=1e-05", "shared_expert_gate=true", "shared_expert_hidden_dim=32", "group_score_fn=max")
     assert all(setting in str(error.value) for setting in settings)
 
@@ -117,8 +123,11 @@ def test_deepseek_refusal_names_gate_width_and_norm_eps() -> None:
 def test_unmatched_arch_reports_each_target() -> None:
     config = _small("tiny_qwen_moe")
     config.moe.score_fn = "sigmoid"
-    with pytest.raises(ConfigError, match=r"qwen2_moe: moe.score_fn=sigmoid[\s\S]*deepseek_v3: attention.mla=null"):
-        detect_architecture(config)
+    with pytest.raises(ConfigError) as error:
+        export_adapter(config)
+    assert "qwen2_moe: moe.score_fn=sigmoid" in str(error.value)
+    assert "deepseek_v3: attention.mla=null" in str(error.value)
+    assert "qwen3_moe: moe.score_fn=sigmoid" in str(error.value)
 
 
 def test_qwen_export_refuses_a_trained_selection_bias() -> None:
@@ -130,7 +139,7 @@ def test_qwen_export_refuses_a_trained_selection_bias() -> None:
 
 
 def test_import_refusal_lists_every_unsupported_setting() -> None:
-    settings = hf_config(_small("tiny_qwen_moe"), "qwen2_moe")
+    settings = hf_config(_small("tiny_qwen_moe"), adapter_for("qwen2_moe"))
     settings |= {
         "use_sliding_window": True,
         "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0},
@@ -149,7 +158,7 @@ def test_import_names_missing_and_unexpected_tensors() -> None:
     del hf["model.layers.1.mlp.experts.3.down_proj.weight"]
     hf["model.layers.0.mlp.mystery.weight"] = torch.zeros(1)
     with pytest.raises(ConfigError, match=r"missing \['model.layers.1.mlp.experts.3.down_proj.weight'\].*mystery"):
-        from_hf_state_dict(hf, config, "qwen2_moe")
+        from_hf(hf, config, "qwen2_moe")
 
 
 def test_fused_expert_layout_is_accepted_on_import() -> None:
@@ -162,7 +171,7 @@ def test_fused_expert_layout_is_accepted_on_import() -> None:
         up = torch.stack([hf.pop(f"{prefix}.{e}.up_proj.weight") for e in experts])
         hf[f"{prefix}.gate_up_proj"] = torch.cat((gate, up), dim=1)
         hf[f"{prefix}.down_proj"] = torch.stack([hf.pop(f"{prefix}.{e}.down_proj.weight") for e in experts])
-    back = from_hf_state_dict(hf, config, "qwen2_moe")
+    back = from_hf(hf, config, "qwen2_moe")
     assert all(torch.equal(back[key], state[key]) for key in state)
 
 
@@ -172,7 +181,7 @@ def test_fused_expert_layout_is_accepted_on_import() -> None:
 @pytest.mark.parametrize("preset", ["tiny_qwen_moe", "tiny_deepseek_moe"])
 def test_export_import_export_is_byte_identical(preset: str, tmp_path: Path) -> None:
     safetensors_torch = pytest.importorskip("safetensors.torch")
-    from sdmoe_train.models.hf_io import export_model, import_model
+    from sdmoe_train.interop.hf.driver import export_model, import_model
 
     config = _small(preset)
     model = Transformer(config)
@@ -196,7 +205,8 @@ def test_export_import_export_is_byte_identical(preset: str, tmp_path: Path) -> 
 
 def test_shards_respect_the_size_limit_and_the_index_covers_every_tensor(tmp_path: Path) -> None:
     pytest.importorskip("safetensors")
-    from sdmoe_train.models.hf_io import export_model, parse_size
+    from sdmoe_train.interop.hf.driver import export_model
+    from sdmoe_train.interop.hf.files import parse_size
 
     config = _small("tiny_qwen_moe")
     export_model(Transformer(config), tmp_path, max_shard_size="300KB")
@@ -214,7 +224,7 @@ def test_a_bare_tokenizer_json_gets_a_tokenizer_config(tmp_path: Path) -> None:
     pytest.importorskip("safetensors")
     from tokenizers import Tokenizer, models
 
-    from sdmoe_train.models.hf_io import copy_tokenizer
+    from sdmoe_train.interop.hf.files import copy_tokenizer
 
     source = tmp_path / "tok.json"
     Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="a")).save(str(source))
