@@ -231,3 +231,39 @@ def test_a_bare_tokenizer_json_gets_a_tokenizer_config(tmp_path: Path) -> None:
     copy_tokenizer(source, tmp_path / "out", _small("tiny_qwen_moe"))
     settings = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert settings["eos_token"] == "<|endoftext|>" and (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_aux_loss_coefficient_is_converted_both_ways_and_explained() -> None:
+    config = _small("tiny_qwen_moe")  # 3 MoE layers, top-2
+    config.moe.aux_loss_coef = 0.01
+    adapter = adapter_for("qwen2_moe")
+    settings = hf_config(config, adapter)
+    assert settings["router_aux_loss_coef"] == 0.015  # x 3 MoE layers / top_k 2
+    assert config_from_hf(settings).moe.aux_loss_coef == 0.01
+    (note,) = adapter.conversion_notes(config)
+    assert "moe.aux_loss_coef=0.01 <-> router_aux_loss_coef=0.015" in note and "3 MoE layers / top_k 2" in note
+    assert adapter_for("deepseek_v3").conversion_notes(_small("tiny_deepseek_moe")) == []
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_deepseek_rotary_rows_are_permuted_only_for_interleaved_checkpoints(interleaved: bool) -> None:
+    config = _small("tiny_deepseek_moe")
+    pairs = {ours: fn for ours, _, fn in adapter_for("deepseek_v3").key_pairs(config, {"rope_interleave": interleaved})}
+    weight = torch.randn(config.attention.num_heads * 48, 64)  # (qk_nope 32 + qk_rope 16) rows per head
+    imported = pairs["blocks.0.attn.q_b_proj.weight"](weight, False)
+    assert torch.equal(imported, weight) != interleaved
+    assert torch.equal(pairs["blocks.0.attn.q_b_proj.weight"](imported, True), weight)
+
+
+def test_families_are_found_by_file_and_the_driver_names_none() -> None:
+    from sdmoe_train.interop.hf import adapter, driver
+    from sdmoe_train.interop.hf.families import all_adapters, export_adapters
+
+    names = [family.model_type for family in all_adapters()]
+    assert names == ["deepseek_v3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"]
+    assert [family.model_type for family in export_adapters()] == ["deepseek_v3", "qwen2_moe", "qwen3_moe"]
+    for module in (adapter, driver):
+        source = Path(module.__file__).read_text()
+        assert not [name for name in names if f'"{name}"' in source or f"'{name}'" in source], module.__name__
+    with pytest.raises(ConfigError, match="model_type='mixtral' is not supported; supported: deepseek_v3, qwen2"):
+        adapter_for("mixtral")

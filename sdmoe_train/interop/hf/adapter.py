@@ -208,5 +208,5 @@ def moe_export_problems(config: TransformerConfig, model_type: str, has_qk_norm:
         capacity = config.moe.capacity_factor
         problems.append(f"moe.capacity_factor={capacity}: transformers routes dropless (set capacity_factor: null)")
     if config.attention.qk_norm and not has_qk_norm:
-        problems.append(f"attention.qk_norm=true: {model_type} has no per-head q/k norm (qwen3_moe has)")
+        problems.append(f"attention.qk_norm=true: {model_type} has no per-head q/k norm (export as a family with one)")
     return problems
