@@ -56,6 +56,7 @@ from sdmoe_train.moe.ssmoe_router import (
     without_spectral_rows,
 )
 from sdmoe_train.parallel.config import ParallelConfig
+from sdmoe_train.parallel.groups import ExpertParallelGroups
 from sdmoe_train.parallel.lightning import enable_expert_parallel, expert_param_groups, uses_deepspeed
 
 # Checkpoints store the typed configs as hyper-parameters; allow them through torch.load(weights_only=True).
@@ -92,6 +93,9 @@ def _load_model_weights(model: Transformer, weights: dict[str, Tensor], path: st
 class PretrainModule(L.LightningModule):
     """Next-token pretraining of an MoE (or dense) transformer.
 
+    Its callbacks see it through :class:`~sdmoe_train.lightning.contract.MoETrainingModule`: ``model``,
+    ``expert_groups``, ``last_routing`` and ``step_skipped``.
+
     Args:
         arch: the model architecture (see ``recipes/models/`` for presets).
         optim: AdamW and learning-rate schedule settings.
@@ -122,7 +126,8 @@ class PretrainModule(L.LightningModule):
         self.sdmoe = sdmoe or SDMoEConfig()
         self.parallel = parallel or ParallelConfig()
         self.parallel.check_num_experts(arch.moe.num_experts if arch.moe is not None else None)
-        self.expert_groups = None
+        self.expert_groups: ExpertParallelGroups | None = None
+        """The expert-parallel layout, set in :meth:`configure_model` when ``parallel.ep_size > 1``."""
         self._gradients_projected_in_backward = False
         self.ssmoe = ssmoe or SSMoEConfig()
         if self.ssmoe.enabled and self.parallel.ep_size > 1:

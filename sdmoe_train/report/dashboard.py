@@ -9,14 +9,13 @@ The page holds inline SVG only: no script, no external file, viewable offline.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.callbacks.monitor import FIGURES_FILE
+from sdmoe_train.report.figures import FIGURES_FILE, latest_figures
 from sdmoe_train.report.svg import bars_svg, heatmap_svg, line_chart_svg
 
 SECTIONS: tuple[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], ...] = (
@@ -107,12 +106,7 @@ def read_run(run_dir: Path, label: str | None = None) -> RunLog:
                     run.scalars.setdefault(name, []).append((step, float(value)))
     for points in run.scalars.values():
         points.sort()
-    figures_file = metrics_file.parent / FIGURES_FILE
-    if figures_file.is_file():
-        for line in figures_file.read_text().splitlines():
-            record = json.loads(line)
-            if record["step"] >= run.figures.get(record["name"], {"step": -1})["step"]:
-                run.figures[record["name"]] = record
+    run.figures = latest_figures(metrics_file.parent / FIGURES_FILE)
     return run
 
 

@@ -23,11 +23,11 @@ from sdmoe_train.lightning.callbacks import (
     RoutingHealthMonitor,
     SpectralOverlapMonitor,
 )
-from sdmoe_train.lightning.callbacks.monitor import FIGURES_FILE
 from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.lightning.optim import OptimConfig
 from sdmoe_train.moe.sdmoe import SDMoEConfig
 from sdmoe_train.moe.ssmoe_router import SSMoEConfig
+from sdmoe_train.report.figures import FIGURES_FILE
 from tests.integration import monitor_ddp
 from tests.integration.sdmoe_ddp import SEQ, VOCAB, tiny_arch
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, expert_groups, layer_name
+from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
 from sdmoe_train.lightning.callbacks.spectral_overlap import (
     SIDES,
     add_pair_statistics,
@@ -19,6 +19,7 @@ from sdmoe_train.lightning.callbacks.spectral_overlap import (
     check_svd_method,
     side_similarities,
 )
+from sdmoe_train.lightning.contract import training_module
 from sdmoe_train.moe.diagnostics import SVDMethod, common_energy_share, top_singular_subspaces
 from sdmoe_train.moe.experts import MATRIX_TYPES, ExpertBank, MatrixType
 from sdmoe_train.parallel.groups import ExpertParallelGroups
@@ -126,7 +127,7 @@ class GradientAlignmentMonitor(IntervalMonitor):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.interval_completed(trainer) and self._sums:
-            scalars, figures = self.measure(expert_groups(pl_module))
+            scalars, figures = self.measure(training_module(pl_module, type(self).__name__).expert_groups)
             self.publish(trainer, scalars, figures)
             self._sums, self._steps_summed = {}, 0
 

@@ -12,6 +12,8 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
 from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
+from sdmoe_train.lightning.contract import training_module
+from sdmoe_train.models.transformer import MoEAux
 from sdmoe_train.moe.diagnostics import load_health
 
 
@@ -52,11 +54,11 @@ class RoutingHealthMonitor(IntervalMonitor):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._accumulate(pl_module.last_routing)
+        self._accumulate(training_module(pl_module, type(self).__name__).last_routing)
         if self.interval_completed(trainer):
             self._publish_interval(trainer)
 
-    def _accumulate(self, record: Any) -> None:
+    def _accumulate(self, record: MoEAux | None) -> None:
         if record is None or record is self._last_record:
             return
         self._last_record = record

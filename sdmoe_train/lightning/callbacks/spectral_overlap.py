@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, expert_groups, layer_name
+from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
+from sdmoe_train.lightning.contract import training_module
 from sdmoe_train.moe.diagnostics import SVDMethod, off_diagonal_mean_max, subspace_similarity
 from sdmoe_train.moe.experts import MATRIX_TYPES, ExpertBank, MatrixType
 from sdmoe_train.parallel.groups import ExpertParallelGroups
@@ -82,7 +83,7 @@ class SpectralOverlapMonitor(IntervalMonitor):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.interval_completed(trainer):
-            scalars, figures = self.measure(expert_groups(pl_module))
+            scalars, figures = self.measure(training_module(pl_module, type(self).__name__).expert_groups)
             self.publish(trainer, scalars, figures)
 
     @torch.no_grad()
