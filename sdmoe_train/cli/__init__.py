@@ -19,6 +19,7 @@ from sdmoe_train.cli import (
     hf_export,
     hf_import,
     prepare,
+    presets,
     report,
     requeue,
     ssmoe_eval,
@@ -41,6 +42,7 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "prepare": Subcommand(prepare.run, "data preparation", prepare.USAGE),
     "demo-corpus": Subcommand(demo_corpus.run, "data preparation", demo_corpus.USAGE),
+    "presets": Subcommand(presets.run, "architectures", presets.USAGE),
     "export": Subcommand(hf_export.run, "Hugging Face checkpoints", hf_export.USAGE),
     "import": Subcommand(hf_import.run, "Hugging Face checkpoints", hf_import.USAGE),
     "ssmoe-eval": Subcommand(ssmoe_eval.run, "SSMoE evaluation", ssmoe_eval.USAGE),

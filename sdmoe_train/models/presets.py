@@ -1,5 +1,8 @@
 """Named architectures. A new Qwen or DeepSeek variant is a new function here, not a new model file.
 
+These functions are the one source of the presets: the recipe files ``recipes/models/<name>.yaml`` are
+generated from them (``sdmoe-train presets --write recipes/models``).
+
 Paper-scale presets follow SD-MoE (arXiv 2602.12556) §9 of ``docs/design/sdmoe.md``. Where the paper is
 silent we decide, and say so: shared-expert width 2048 for both Qwen-style sizes, 12 query / 4 key-value
 heads of width 128 for the 7B trunk, Qwen's 151 936-token vocabulary, and DeepSeek-style scoring
@@ -144,4 +147,4 @@ PRESETS = {
     fn.__name__: fn
     for fn in (tiny_qwen_moe, tiny_deepseek_moe, qwen_moe_2b_a0_8b, qwen_moe_7b_a1_5b, deepseek_moe_2b_a0_8b)
 }
-"""Every preset by name (the name is also the recipe file name under ``recipes/models/``)."""
+"""Every preset by name; ``recipes/models/<name>.yaml`` is generated from it (``sdmoe-train presets --write``)."""
