@@ -83,7 +83,10 @@ def load_bytes(corpus: Path) -> tuple[Tensor, Tensor]:
         train.append(data[:cut])
         val.append(data[cut:])
     if not train:
-        raise SystemExit(f"no .txt files in {corpus}; pass --corpus (e.g. /work/main/data/shakespeare)")
+        raise SystemExit(
+            f"no .txt files in {corpus}; pass --corpus, or install the demo corpus (data/shakespeare) with "
+            "`make demo-corpus`"
+        )
     return torch.from_numpy(np.concatenate(train)).long(), torch.from_numpy(np.concatenate(val)).long()
 
 

@@ -90,8 +90,8 @@ def _complement_frames(basis_MK: Tensor, num_experts: int, width: int, generator
 def _coefficients(matrix_EMN: Tensor, left_MK: Tensor, right_NK: Tensor) -> tuple[Tensor, Tensor]:
     """(UᵀG (…, k, N), GV (…, M, k)), the only two passes that read G.
 
-    GV is formed as (VᵀGᵀ)ᵀ: a GEMM with k output rows over G's transposed view runs about twice as
-    fast on CPU as the (E·M, N) × (N, k) product with k output columns (E = 16, M = N = 512, k = 8).
+    GV is formed as (VᵀGᵀ)ᵀ: on CPU a GEMM with k output rows over G's transposed view runs faster than the
+    (E·M, N) × (N, k) product with k output columns (measurements: ``benchmarks/README.md``).
     """
     left_coeffs_EKN = left_MK.T @ matrix_EMN
     right_coeffs_EMK = (right_NK.T @ matrix_EMN.transpose(-2, -1)).transpose(-2, -1)

@@ -53,8 +53,9 @@ class SpectralOverlapMonitor(IntervalMonitor):
         layers: block indices to monitor (None: every MoE layer).
         rank: r, the subspace dimension (the SD-MoE common rank k is the natural choice).
         matrices: expert matrix types to measure.
-        svd: ``lowrank`` (batched randomised SVD, fixed seed) or ``full`` (batched ``torch.linalg.svd``, ~40x
-            the cost on 512 x 512 experts); see :func:`~sdmoe_train.moe.diagnostics.top_singular_subspaces`.
+        svd: ``lowrank`` (batched randomised SVD, fixed seed) or ``full`` (batched ``torch.linalg.svd``, many
+            times the cost on large experts; benchmarks/README.md); see
+            :func:`~sdmoe_train.moe.diagnostics.top_singular_subspaces`.
     """
 
     def __init__(
