@@ -1,29 +1,21 @@
 """The ``sdmoe-train`` console script: one module per subcommand, dispatched from one table.
 
 ``fit``, ``validate`` and ``test`` go to LightningCLI (:mod:`.fit`), which also answers ``--help`` with the
-other subcommands listed in its epilog; every other subcommand is a row of :data:`SUBCOMMANDS`. Bad user
-input anywhere (a :class:`~sdmoe_train.errors.ConfigError`) ends with its message and exit code 2, a halted
-run (:class:`~sdmoe_train.errors.TrainingHaltedError`) with exit code 1, never with a traceback.
+other subcommands listed in its epilog; every other subcommand is a row of :data:`SUBCOMMANDS`, a module
+of this package with ``run(argv)`` and ``USAGE``. A subcommand's module is imported only when it runs, so
+the light ones (``requeue``, which a Slurm batch shell calls inside the preemption window) do not pay for
+importing torch and Lightning. Bad user input anywhere (a :class:`~sdmoe_train.errors.ConfigError`) ends
+with its message and exit code 2, a halted run (:class:`~sdmoe_train.errors.TrainingHaltedError`) with exit
+code 1, never with a traceback.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
-from sdmoe_train.cli import (
-    consolidate,
-    demo_corpus,
-    fit,
-    hf_export,
-    hf_import,
-    prepare,
-    presets,
-    report,
-    requeue,
-    ssmoe_eval,
-)
 from sdmoe_train.errors import ConfigError, TrainingHaltedError
 
 
@@ -31,24 +23,25 @@ from sdmoe_train.errors import ConfigError, TrainingHaltedError
 class Subcommand:
     """One ``sdmoe-train`` subcommand besides LightningCLI's."""
 
-    run: Callable[[list[str]], object]
-    """Runs it with the arguments after its name."""
+    module: str
+    """Its module in this package: ``run(argv)`` runs it, ``USAGE`` describes it for ``--help``."""
     group: str
     """Heading it is listed under in ``sdmoe-train --help``."""
-    usage: str
-    """Its usage and one-line description for ``sdmoe-train --help``."""
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(f"{__name__}.{self.module}")
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "prepare": Subcommand(prepare.run, "data preparation", prepare.USAGE),
-    "demo-corpus": Subcommand(demo_corpus.run, "data preparation", demo_corpus.USAGE),
-    "presets": Subcommand(presets.run, "architectures", presets.USAGE),
-    "export": Subcommand(hf_export.run, "Hugging Face checkpoints", hf_export.USAGE),
-    "import": Subcommand(hf_import.run, "Hugging Face checkpoints", hf_import.USAGE),
-    "ssmoe-eval": Subcommand(ssmoe_eval.run, "SSMoE evaluation", ssmoe_eval.USAGE),
-    "report": Subcommand(report.run, "dashboards", report.USAGE),
-    "consolidate": Subcommand(consolidate.run, "checkpoints", consolidate.USAGE),
-    "requeue": Subcommand(requeue.run, "Slurm", requeue.USAGE),
+    "prepare": Subcommand("prepare", "data preparation"),
+    "demo-corpus": Subcommand("demo_corpus", "data preparation"),
+    "presets": Subcommand("presets", "architectures"),
+    "export": Subcommand("hf_export", "Hugging Face checkpoints"),
+    "import": Subcommand("hf_import", "Hugging Face checkpoints"),
+    "ssmoe-eval": Subcommand("ssmoe_eval", "SSMoE evaluation"),
+    "report": Subcommand("report", "dashboards"),
+    "consolidate": Subcommand("consolidate", "checkpoints"),
+    "requeue": Subcommand("requeue", "Slurm"),
 }
 """Every subcommand that is not LightningCLI's ``fit|validate|test``, in ``--help`` order."""
 
@@ -57,7 +50,7 @@ def usage_epilog() -> str:
     """The ``--help`` epilog: every subcommand of :data:`SUBCOMMANDS`, grouped under its heading."""
     groups: dict[str, list[str]] = {}
     for command in SUBCOMMANDS.values():
-        groups.setdefault(command.group, []).append(command.usage)
+        groups.setdefault(command.group, []).append(command.load().USAGE)
     return "".join(f"{group}:\n" + "".join(usages) for group, usages in groups.items())
 
 
@@ -67,8 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     command = SUBCOMMANDS.get(arguments[0]) if arguments else None
     try:
         if command is not None:
-            command.run(arguments[1:])
+            command.load().run(arguments[1:])
         else:
+            from sdmoe_train.cli import fit  # LightningCLI, and everything it builds, only when it runs
+
             fit.run(argv, usage_epilog())
     except ConfigError as error:
         # Bad user input gets its message, not a traceback through Lightning internals.
