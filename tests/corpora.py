@@ -71,3 +71,26 @@ def make_config(tmp_path: Path, pattern: str, tokenizer: Path, **overrides: obje
     }
     settings.update(overrides)
     return DataConfig(**settings)
+
+
+def make_mixture(tmp_path: Path, weights: dict[str, float] | None = None, **overrides: object):
+    """Two (or more) small sources with their own documents, a tokenizer trained on all of them, and the
+    shared settings: returns (DataConfig without documents, [CorpusSource, ...])."""
+    from sdmoe_train.data.config import CorpusSource
+
+    weights = weights or {"plays": 3.0, "psalms": 1.0}
+    sources, everything = [], []
+    for index, (name, weight) in enumerate(weights.items()):
+        documents = [f"{name} {text}" for text in make_documents(count=12 + 6 * index, seed=10 + index)]
+        everything += documents
+        sources.append(CorpusSource(name=name, data_files=[write_documents(tmp_path / name, documents)], weight=weight))
+    tokenizer_path, _ = make_tokenizer(tmp_path, everything)
+    settings: dict[str, object] = {
+        "tokenizer": str(tokenizer_path),
+        "seq_len": 16,
+        "cache_dir": str(tmp_path / "cache"),
+        "val_fraction": 0.25,
+        "num_proc": 1,
+    }
+    settings.update(overrides)
+    return DataConfig(**settings), sources

@@ -5,12 +5,13 @@ Training is an explicit, separate step (``sdmoe-train prepare``); the data modul
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from sdmoe_train.data.config import DataConfig, data_format, resolve_data_files
+from sdmoe_train.data.config import DataConfig, SourceSettings, data_format, resolve_data_files
 from sdmoe_train.data.documents import load_documents, load_file_documents
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.io import write_text_atomically
@@ -49,18 +50,26 @@ def train_tokenizer(files: list[str], vocab_size: int, output_path: str | Path, 
     return _train_on(documents, vocab_size, Path(output_path))
 
 
-def train_corpus_tokenizer(config: DataConfig, output_path: str | Path) -> Tokenizer:
-    """Trains the byte-level BPE tokenizer of a corpus (local files or a hub dataset), streaming it once.
+def train_corpus_tokenizer(
+    config: DataConfig, output_path: str | Path, sources: Sequence[SourceSettings] | None = None
+) -> Tokenizer:
+    """Trains the byte-level BPE tokenizer of a corpus or a mixture, streaming each source once.
+
+    A mixture's tokenizer is trained on the concatenation of its sources, every document once,
+    whatever the mixture weights: the tokenizer (and with it every token cache) then stays valid
+    when the weights change.
 
     Args:
-        config: The corpus; ``config.vocab_size`` sets the vocabulary size.
+        config: The shared data settings; ``config.vocab_size`` sets the vocabulary size.
         output_path: Where to write tokenizer.json.
+        sources: The sources to train on (``data.corpora``); None trains on ``config``'s own source.
 
     Returns:
         The trained tokenizer.
     """
     _check_vocab_size(config.vocab_size)
-    return _train_on(load_documents(config, streaming=True), config.vocab_size, Path(output_path))
+    streams = [load_documents(source, streaming=True) for source in (sources or [config])]
+    return _train_on(itertools.chain.from_iterable(streams), config.vocab_size, Path(output_path))
 
 
 def _check_vocab_size(vocab_size: int) -> None:

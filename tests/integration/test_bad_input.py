@@ -90,6 +90,40 @@ def _all_checkpoints_damaged(prepared: Prepared, tmp_path: Path) -> list[str]:
     return ["--config", str(recipe)]
 
 
+def _corpus_pattern(prepared: Prepared) -> str:
+    return yaml.safe_load(prepared.recipe.read_text())["data"]["corpus"]["data_files"][0]
+
+
+def _mixture_args(prepared: Prepared, *entries: str) -> list[str]:
+    return ["--data.corpus.data_files=[]", f"--data.corpora=[{', '.join(entries)}]"]
+
+
+def _source(name: str, pattern: str, weight: float | str = 1.0) -> str:
+    return f'{{"name": "{name}", "data_files": ["{pattern}"], "weight": {weight}}}'
+
+
+def _foreign_prepared_dir(prepared: Prepared, tmp_path: Path) -> list[str]:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("not prepared data")
+    return [f"--data.prepared_dir={tmp_path / 'busy'}"]
+
+
+def _prepared_with_other_tokenizer(prepared: Prepared, tmp_path: Path) -> list[str]:
+    from tests.corpora import make_documents, make_tokenizer
+
+    path, _ = make_tokenizer(tmp_path / "other", make_documents(count=6, seed=3))
+    main(
+        [
+            "prepare",
+            "--config",
+            str(prepared.recipe),
+            f"--data.corpus.tokenizer={path}",
+            f"--data.prepared_dir={tmp_path / 'p'}",
+        ]
+    )
+    return [f"--data.prepared_dir={tmp_path / 'p'}"]
+
+
 BAD_INPUTS = [
     BadInput("top_k_above_experts", ["--model.arch.moe.top_k=9"], ["moe.top_k=9", "[1, moe.num_experts=4]"]),
     BadInput("unknown_key", ["--model.arch.moe.num_expertz=4"], ["num_expertz"]),
@@ -176,6 +210,67 @@ BAD_INPUTS = [
             "--trainer.callbacks.requeue_signal=SIGFOO",
         ],
         ["SIGFOO", "SIGUSR1"],
+    ),
+    BadInput(
+        "mixture_weight_not_positive",
+        expected=["data.corpora[a].weight=0.0", "positive finite"],
+        setup=lambda prepared, tmp: _mixture_args(prepared, _source("a", _corpus_pattern(prepared), 0.0)),
+    ),
+    BadInput(
+        "mixture_weight_not_finite",
+        expected=["data.corpora[a].weight=nan", "positive finite"],
+        setup=lambda prepared, tmp: _mixture_args(prepared, _source("a", _corpus_pattern(prepared), ".nan")),
+    ),
+    BadInput(
+        "mixture_duplicate_names",
+        expected=["data.corpora names ['a'] more than once"],
+        setup=lambda prepared, tmp: _mixture_args(
+            prepared, _source("a", _corpus_pattern(prepared)), _source("a", _corpus_pattern(prepared))
+        ),
+    ),
+    BadInput(
+        "mixture_source_without_files",
+        ["--data.corpus.data_files=[]", '--data.corpora=[{"name": "a", "weight": 1.0}]'],
+        ["data.corpora[a] has no documents", "data_files"],
+    ),
+    BadInput(
+        "mixture_source_with_bad_name",
+        expected=["name='a b'", "letters, digits"],
+        setup=lambda prepared, tmp: _mixture_args(prepared, _source("a b", _corpus_pattern(prepared))),
+    ),
+    BadInput(
+        "mixture_source_missing_files",
+        expected=["data.corpora[a].data_files entry", "matches no file"],
+        setup=lambda prepared, tmp: _mixture_args(prepared, _source("a", "/nonexistent/*.txt")),
+    ),
+    BadInput(
+        "mixture_and_corpus_files",
+        expected=["data.corpora both name documents"],
+        setup=lambda prepared, tmp: [f"--data.corpora=[{_source('a', _corpus_pattern(prepared))}]"],
+    ),
+    BadInput("mixture_without_sources", ["--data.corpus.data_files=[]", "--data.corpora=[]"], ["lists no source"]),
+    BadInput(
+        "mixture_with_streaming",
+        ["--data.corpus.streaming=true"],
+        ["streaming=true works with a single data.corpus only"],
+        setup=lambda prepared, tmp: _mixture_args(prepared, _source("a", _corpus_pattern(prepared))),
+    ),
+    BadInput("allow_mixture_change_without_mixture", ["--data.allow_mixture_change=true"], ["needs a mixture"]),
+    BadInput(
+        "resume_single_corpus_run_as_mixture",
+        expected=["belongs to a single data.corpus but this recipe trains on a mixture"],
+        setup=lambda prepared, tmp: _mixture_args(prepared, _source("a", _corpus_pattern(prepared))),
+    ),
+    BadInput("prepared_dir_empty", ["--data.prepared_dir= "], ["data.prepared_dir=' ' must name a directory"]),
+    BadInput(
+        "prepared_dir_of_other_files",
+        expected=["non-empty directory without prepared.json", "notes.txt"],
+        setup=_foreign_prepared_dir,
+    ),
+    BadInput(
+        "prepared_dir_with_other_tokenizer",
+        expected=["prepared with another tokenizer", "use its copy"],
+        setup=_prepared_with_other_tokenizer,
     ),
 ]
 
