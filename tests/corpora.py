@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from tokenizers import Tokenizer
 
 from sdmoe_train.data.config import DataConfig
@@ -15,6 +17,17 @@ from sdmoe_train.data.tokenizer import train_tokenizer
 
 WORDS = ["the", "king", "queen", "sword", "crown", "night", "love", "death", "fool", "ghost", "storm", "sea"]
 WORDS += ["speak", "hear", "come", "go", "never", "why", "thou", "thee", "thy", "doth", "hath", "is", "was"]
+
+
+def fake_trainer(rank: int, world_size: int, training: bool = True, example: object = None) -> SimpleNamespace:
+    """What the data module reads from Lightning's trainer: rank, world size, training flag, device."""
+    return SimpleNamespace(
+        global_rank=rank,
+        world_size=world_size,
+        training=training,
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        lightning_module=SimpleNamespace(example_input_array=example),
+    )
 
 
 def make_documents(count: int = 12, seed: int = 0, min_words: int = 20, max_words: int = 90) -> list[str]:

@@ -119,6 +119,8 @@ def cache_fingerprint(config: DataConfig, tokenizer: Tokenizer, source: SourceSe
     # A .txt file is one document whatever text_field says, so it only matters for other formats.
     if source.file_format != "text":
         payload["text_field"] = source.text_field
+    if source.token_field is not None:
+        payload["token_field"] = source.token_field
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -243,16 +245,21 @@ def tokenize_source(
     documents = load_documents(source, streaming=False, cache_dir=scratch)
     assert isinstance(documents, datasets.Dataset), "non-streaming loading returns a Dataset"
     num_proc = min(config.num_proc, len(documents))
+    if source.token_field is None:
+        function, arguments, description = _encode_batch, {"tokenizer": tokenizer, "eos_id": eos_id}, "Tokenizing"
+    else:
+        function, arguments, description = _end_with_eos, {"eos_id": eos_id}, "Appending EOS"
+        _check_token_ids(documents, vocab_size, source)
     tokenized = documents.map(
-        _encode_batch,
+        function,
         batched=True,
         num_proc=num_proc if num_proc > 1 else None,
-        fn_kwargs={"tokenizer": tokenizer, "eos_id": eos_id},
-        remove_columns=["text"],
+        fn_kwargs=arguments,
+        remove_columns=documents.column_names,
         cache_file_name=str(scratch / "tokenized.arrow"),
         # Naming the result ourselves spares datasets from hashing the tokenizer object.
         new_fingerprint=fingerprint,
-        desc="Tokenizing",
+        desc=description,
     )
     splits, document_lengths = {}, {}
     for split, indices in zip(
@@ -279,6 +286,23 @@ def tokenize_source(
 
 def _encode_batch(batch: dict[str, list], tokenizer: Tokenizer, eos_id: int) -> dict[str, list[list[int]]]:
     return {"input_ids": encode_documents(tokenizer, batch["text"], eos_id)}
+
+
+def _end_with_eos(batch: dict[str, list], eos_id: int) -> dict[str, list[list[int]]]:
+    return {"input_ids": [ids if ids and ids[-1] == eos_id else [*ids, eos_id] for ids in batch["input_ids"]]}
+
+
+def _check_token_ids(documents: datasets.Dataset, vocab_size: int, source: SourceSettings) -> None:
+    ids = documents.with_format("arrow").data.column("input_ids").combine_chunks().flatten()
+    if len(ids) == 0:
+        return
+    low, high = pyarrow.compute.min(ids).as_py(), pyarrow.compute.max(ids).as_py()
+    if low < 0 or high >= vocab_size:
+        raise ConfigError(
+            f"{source.setting_prefix}.token_field={source.token_field!r} holds token ids in [{low}, {high}], outside "
+            f"the vocabulary of data.corpus.tokenizer (0..{vocab_size - 1}); point data.corpus.tokenizer at the "
+            "tokenizer that produced them"
+        )
 
 
 def _write_tokens(documents: datasets.Dataset, path: Path, dtype: np.dtype) -> np.ndarray:

@@ -17,11 +17,18 @@ from typing import Literal
 
 from sdmoe_train.errors import ConfigError
 
-DataFormat = Literal["text", "json", "parquet"]
+DataFormat = Literal["text", "json", "parquet", "arrow"]
 """Name of the ``datasets`` packaged builder that reads a local file format."""
 
-FORMAT_BY_SUFFIX: dict[str, DataFormat] = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-"""File extensions accepted in ``data_files`` and the builder that reads each."""
+FORMAT_BY_SUFFIX: dict[str, DataFormat] = {
+    ".txt": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
+"""File extensions accepted in ``data_files`` and the builder that reads each (``.arrow``: the shards of a
+Hugging Face dataset written by ``save_to_disk``)."""
 
 
 def data_format(patterns: list[str], owner: str = "data.corpus.data_files") -> DataFormat:
@@ -90,7 +97,7 @@ class SourceSettings:
     """Where the documents of one source come from: local files or a Hugging Face hub dataset."""
 
     data_files: list[str] = field(default_factory=list)
-    """Local files or glob patterns (.txt, .jsonl/.json or .parquet, one format for all)."""
+    """Local files or glob patterns (.txt, .jsonl/.json, .parquet or .arrow, one format for all)."""
     dataset_name: str | None = None
     """Named Hugging Face hub dataset (needs network access); use instead of data_files."""
     dataset_config_name: str | None = None
@@ -99,6 +106,9 @@ class SourceSettings:
     """Split of the hub dataset to read; validation is carved out of it."""
     text_field: str = "text"
     """Column holding the document text in json/parquet/hub data; a .txt file is one document."""
+    token_field: str | None = None
+    """Column of already-tokenized documents (e.g. ``input_ids``) instead of text: the ids are used as they
+    are (EOS appended where a document lacks it), so they must come from ``data.corpus.tokenizer``."""
 
     @property
     def setting_prefix(self) -> str:
@@ -122,6 +132,14 @@ class SourceSettings:
         for name in ("split", "text_field"):
             if not getattr(self, name):
                 raise ConfigError(f"{prefix}.{name}={getattr(self, name)!r} must not be empty")
+        if self.token_field is not None:
+            if not self.token_field:
+                raise ConfigError(f"{prefix}.token_field='' must name a column (or be null for text documents)")
+            if self.data_files and self.file_format == "text":
+                raise ConfigError(
+                    f"{prefix}.token_field={self.token_field!r} needs files with columns (.jsonl, .parquet, "
+                    "or the .arrow shards of save_to_disk); a .txt file holds text"
+                )
 
     @property
     def file_format(self) -> DataFormat | None:
@@ -224,6 +242,11 @@ class DataConfig(SourceSettings):
         for name in ("streaming_val_docs", "shuffle_seed", "shuffle_buffer"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"data.corpus.{name}={getattr(self, name)} must be >= 0")
+        if self.streaming and self.token_field is not None:
+            raise ConfigError(
+                f"data.corpus.streaming=true with data.corpus.token_field={self.token_field!r}: streaming tokenizes "
+                "text while training; already-tokenized documents go through the token cache (`sdmoe-train prepare`)"
+            )
 
     def require_source(self) -> None:
         """Raises unless this section names documents itself (a single-corpus recipe).

@@ -1,7 +1,8 @@
 """Loads documents with Hugging Face ``datasets`` into a table with a single ``text`` column.
 
 A .txt file is one document (``sample_by="document"``), so a play or a book is never cut at
-line breaks; json/parquet rows and hub dataset rows are one document each.
+line breaks; json/parquet/arrow rows and hub dataset rows are one document each. A pre-tokenized
+source (``token_field``) gives a single ``input_ids`` column instead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def load_file_documents(
     streaming: bool,
     cache_dir: Path | None = None,
     owner: str = "data.corpus",
+    token_field: str | None = None,
 ) -> Documents:
     """Reads local files into documents.
 
@@ -36,9 +38,10 @@ def load_file_documents(
         streaming: Read lazily as an ``IterableDataset`` instead of converting to Arrow first.
         cache_dir: Where ``datasets`` writes its Arrow copy (non-streaming); None uses its default.
         owner: Recipe section of these settings, for error messages.
+        token_field: Column of token ids to read instead of text (a pre-tokenized source).
 
     Returns:
-        A dataset whose only column is ``text``.
+        A dataset whose only column is ``text``, or ``input_ids`` when ``token_field`` is set.
     """
     extra = {"sample_by": "document"} if fmt == "text" else {}
     documents = datasets.load_dataset(
@@ -49,7 +52,7 @@ def load_file_documents(
         cache_dir=None if cache_dir is None else str(cache_dir),
         **extra,
     )
-    return _text_column(documents, "text" if fmt == "text" else text_field, owner)
+    return _only_column(documents, "text" if fmt == "text" else text_field, owner, token_field)
 
 
 def load_documents(source: SourceSettings, *, streaming: bool, cache_dir: Path | None = None) -> Documents:
@@ -63,10 +66,10 @@ def load_documents(source: SourceSettings, *, streaming: bool, cache_dir: Path |
             downloads always go to the ``datasets`` cache (``HF_HOME``) so they are not fetched twice.
 
     Returns:
-        A dataset whose only column is ``text``.
+        A dataset whose only column is ``text``, or ``input_ids`` for a pre-tokenized source.
 
     Raises:
-        ConfigError: If a file pattern matches nothing or the text column is missing.
+        ConfigError: If a file pattern matches nothing or the text (or token) column is missing.
     """
     if source.dataset_name is None:
         assert source.file_format is not None, "a source without dataset_name has data_files"
@@ -77,20 +80,24 @@ def load_documents(source: SourceSettings, *, streaming: bool, cache_dir: Path |
             streaming=streaming,
             cache_dir=cache_dir,
             owner=source.setting_prefix,
+            token_field=source.token_field,
         )
     documents = datasets.load_dataset(
         source.dataset_name, source.dataset_config_name, split=source.split, streaming=streaming
     )
-    return _text_column(documents, source.text_field, source.setting_prefix)
+    return _only_column(documents, source.text_field, source.setting_prefix, source.token_field)
 
 
-def _text_column(documents: Documents, text_field: str, owner: str) -> Documents:
+def _only_column(documents: Documents, text_field: str, owner: str, token_field: str | None) -> Documents:
+    field, setting, output = (
+        (text_field, "text_field", "text") if token_field is None else (token_field, "token_field", "input_ids")
+    )
     columns = documents.column_names
     # A streaming reader may not know its columns before the first row (columns is None); a missing
     # column then surfaces from ``datasets`` when the first document is read.
-    if columns is not None and text_field not in columns:
-        raise ConfigError(f"{owner}.text_field={text_field!r} is not a column of the documents (columns: {columns})")
-    if columns == ["text"] or (columns is None and text_field == "text"):
+    if columns is not None and field not in columns:
+        raise ConfigError(f"{owner}.{setting}={field!r} is not a column of the documents (columns: {columns})")
+    if columns == [output] or (columns is None and field == output):
         return documents
-    documents = documents.select_columns([text_field])
-    return documents if text_field == "text" else documents.rename_column(text_field, "text")
+    documents = documents.select_columns([field])
+    return documents if field == output else documents.rename_column(field, output)

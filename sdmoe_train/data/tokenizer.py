@@ -66,9 +66,19 @@ def train_corpus_tokenizer(
 
     Returns:
         The trained tokenizer.
+
+    Raises:
+        ConfigError: If a source is already tokenized (``token_field``).
     """
     _check_vocab_size(config.vocab_size)
-    streams = [load_documents(source, streaming=True) for source in (sources or [config])]
+    sources = sources or [config]
+    tokenized = [source.setting_prefix for source in sources if source.token_field is not None]
+    if tokenized:
+        raise ConfigError(
+            f"{', '.join(tokenized)} hold token ids, which only the tokenizer that produced them can read; "
+            f"set data.corpus.tokenizer={config.tokenizer!r} to that tokenizer instead of training a new one"
+        )
+    streams = [load_documents(source, streaming=True) for source in sources]
     return _train_on(itertools.chain.from_iterable(streams), config.vocab_size, Path(output_path))
 
 

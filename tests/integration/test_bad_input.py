@@ -261,6 +261,7 @@ BAD_INPUTS = [
         expected=["belongs to a single data.corpus but this recipe trains on a mixture"],
         setup=lambda prepared, tmp: _mixture_args(prepared, _source("a", _corpus_pattern(prepared))),
     ),
+    BadInput("token_field_on_text_files", ["--data.corpus.token_field=input_ids"], ["needs files with columns"]),
     BadInput("prepared_dir_empty", ["--data.prepared_dir= "], ["data.prepared_dir=' ' must name a directory"]),
     BadInput(
         "prepared_dir_of_other_files",

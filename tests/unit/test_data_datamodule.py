@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,19 +13,9 @@ from jsonargparse import ArgumentParser
 
 from sdmoe_train.data.datamodule import PretrainDataModule
 from sdmoe_train.errors import ConfigError
-from tests.corpora import make_config, make_documents, make_mixture, make_tokenizer, write_documents
+from tests.corpora import fake_trainer, make_config, make_documents, make_mixture, make_tokenizer, write_documents
 
 BATCH = 4
-
-
-def _fake_trainer(rank: int, world_size: int, training: bool = True, example: object = None) -> SimpleNamespace:
-    return SimpleNamespace(
-        global_rank=rank,
-        world_size=world_size,
-        training=training,
-        strategy=SimpleNamespace(root_device=torch.device("cpu")),
-        lightning_module=SimpleNamespace(example_input_array=example),
-    )
 
 
 @pytest.fixture
@@ -39,7 +28,7 @@ def config(tmp_path: Path):
 
 def _data_module(config, rank: int, world_size: int, state: dict | None = None) -> PretrainDataModule:
     data = PretrainDataModule(config, batch_size=BATCH)
-    data.trainer = _fake_trainer(rank, world_size)
+    data.trainer = fake_trainer(rank, world_size)
     data.prepare_data()
     data.setup("fit")
     if state is not None:
@@ -59,10 +48,10 @@ def test_only_training_batches_are_counted(config) -> None:
     data = _data_module(config, 0, 1)
     data.train_dataloader()
     data.on_before_batch_transfer(torch.zeros(BATCH, 17, dtype=torch.long), 0)
-    data.trainer = _fake_trainer(0, 1, training=False)
+    data.trainer = fake_trainer(0, 1, training=False)
     data.on_before_batch_transfer(torch.zeros(BATCH, 17, dtype=torch.long), 0)
     example = torch.zeros(BATCH, 17, dtype=torch.long)
-    data.trainer = _fake_trainer(0, 1, example=example)
+    data.trainer = fake_trainer(0, 1, example=example)
     data.on_before_batch_transfer(example, 0)
     assert data.state_dict() == {"epoch": 0, "consumed": BATCH, "num_replicas": 1}
 
@@ -135,7 +124,7 @@ def mixture(tmp_path: Path):
 def _mixture_module(mixture, rank: int = 0, world_size: int = 1, **settings) -> PretrainDataModule:
     shared, sources = mixture
     data = PretrainDataModule(shared, batch_size=BATCH, corpora=sources, **settings)
-    data.trainer = _fake_trainer(rank, world_size)
+    data.trainer = fake_trainer(rank, world_size)
     data.prepare_data()
     data.setup("fit")
     return data

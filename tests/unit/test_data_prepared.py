@@ -8,7 +8,6 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import torch
 from sdmoe_train.data import cache, prepared
 from sdmoe_train.data.datamodule import PretrainDataModule
 from sdmoe_train.errors import ConfigError
-from tests.corpora import make_config, make_documents, make_mixture, make_tokenizer, write_documents
+from tests.corpora import fake_trainer, make_config, make_documents, make_mixture, make_tokenizer, write_documents
 
 BATCH = 4
 
@@ -26,13 +25,7 @@ def _module(shared, sources, prepared_dir: Path | None = None) -> PretrainDataMo
     data = PretrainDataModule(
         shared, batch_size=BATCH, corpora=sources, prepared_dir=prepared_dir and str(prepared_dir)
     )
-    data.trainer = SimpleNamespace(
-        global_rank=0,
-        world_size=1,
-        training=True,
-        strategy=SimpleNamespace(root_device=torch.device("cpu")),
-        lightning_module=SimpleNamespace(example_input_array=None),
-    )
+    data.trainer = fake_trainer(0, 1)
     data.prepare_data()
     data.setup("fit")
     return data
