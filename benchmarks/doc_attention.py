@@ -19,6 +19,10 @@ training does. Variants run alternately, round after round, so machine noise hit
 ratios of medians are reported with the machine load.
 
     python benchmarks/doc_attention.py --out benchmarks/results/doc_attention.json
+
+On a machine shared with other jobs, also run it with ``OMP_WAIT_POLICY=PASSIVE``: with libgomp's default
+active waiting, a thread spins while its partner is descheduled, which penalises a kernel of many small
+ops (the packed one) far more than one big op.
 """
 
 from __future__ import annotations
@@ -161,6 +165,9 @@ def main() -> None:
     result: dict[str, Any] = {
         "environment": environment(),
         "threads": args.threads,
+        # libgomp's default (active) wait spins for threads that a busy machine has descheduled, which
+        # inflates every small parallel op; PASSIVE sleeps instead.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "seq_len": SEQ_LEN,
         "batch": BATCH,
         "load_average_before": os.getloadavg(),

@@ -167,11 +167,11 @@ class PretrainDataModule(L.LightningDataModule):
         Raises:
             ConfigError: If the tokenizer or the data files are missing, or prepared data does not fit.
         """
+        tokenizer = self.tokenizer
         if self.corpus.streaming:
-            self.tokenizer  # noqa: B018 (fails early when the tokenizer is missing)
             self.corpus.resolve_files()
         else:
-            ensure_token_data(self.corpus, self.sources, self.tokenizer, self.prepared_dir)
+            ensure_token_data(self.corpus, self.sources, tokenizer, self.prepared_dir)
 
     def build_token_data(self) -> dict[str, TokenCache]:
         """Tokenizes every source that is not yet cached or prepared (what ``sdmoe-train prepare`` runs).

@@ -95,7 +95,7 @@ class MixtureSchedule:
         self.consumed = np.zeros(len(self.sources), dtype=np.int64)
         self.segment_start = np.zeros(len(self.sources), dtype=np.int64)
         self._keys = [int.from_bytes(hashlib.sha256(s.name.encode()).digest()[:8], "little") for s in self.sources]
-        self._orders: dict[int, tuple[int, np.ndarray]] = {}
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
 
     @property
     def names(self) -> list[str]:
@@ -122,14 +122,18 @@ class MixtureSchedule:
             counts after them.
         """
         counts = (self.consumed if consumed is None else consumed).copy()
-        sources = np.array(_blend(self.shares.tolist(), (counts - self.segment_start).tolist(), count), dtype=np.int64)
+        sources, after = self._plan_sources(count, counts)
         examples = np.empty(count, dtype=np.int64)
         for source in np.unique(sources):
             where = np.flatnonzero(sources == source)
-            draws = counts[source] + np.arange(len(where))
-            examples[where] = self._examples(int(source), draws)
-            counts[source] += len(where)
-        return sources, examples, counts
+            examples[where] = self._examples(int(source), counts[source] + np.arange(len(where)))
+        return sources, examples, after
+
+    def _plan_sources(self, count: int, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sources = np.array(
+            _blend_sources(self.shares.tolist(), (counts - self.segment_start).tolist(), count), dtype=np.int64
+        )
+        return sources, counts + np.bincount(sources, minlength=len(self.sources))
 
     def _examples(self, source: int, draws: np.ndarray) -> np.ndarray:
         size = int(self.sizes[source])
@@ -141,12 +145,16 @@ class MixtureSchedule:
         return out
 
     def _order(self, source: int, epoch: int) -> np.ndarray:
-        cached = self._orders.get(source)
-        if cached is None or cached[0] != epoch:
+        # Two epochs per source stay cached: the loader plans ahead into the next epoch while the
+        # consumed position is still in the current one.
+        order = self._orders.get((source, epoch))
+        if order is None:
             sequence = np.random.SeedSequence([self.seed, self._keys[source], epoch])
             order = np.random.Generator(np.random.PCG64(sequence)).permutation(int(self.sizes[source]))
-            cached = self._orders[source] = (epoch, order)
-        return cached[1]
+            for key in [key for key in self._orders if key[0] == source and key[1] < epoch - 1]:
+                del self._orders[key]
+            self._orders[(source, epoch)] = order
+        return order
 
     def advance(self, count: int) -> list[tuple[str, int]]:
         """Marks the next ``count`` global examples as drawn.
@@ -155,7 +163,7 @@ class MixtureSchedule:
             ``(source name, new epoch)`` for every source that started a new epoch (repeats its data).
         """
         before = self.epochs()
-        _, _, self.consumed = self.plan(count)
+        _, self.consumed = self._plan_sources(count, self.consumed)
         after = self.epochs()
         return [(self.sources[i].name, int(after[i])) for i in np.flatnonzero(after > before)]
 
@@ -194,6 +202,10 @@ class MixtureSchedule:
         """
         saved = {entry["name"]: entry for entry in state["sources"]}
         differences = mixture_differences(saved, self.sources, self.shares)
+        if state["seed"] != self.seed:
+            differences.append(
+                f"data.corpus.shuffle_seed: checkpoint {state['seed']} != recipe {self.seed} (it orders every source)"
+            )
         if differences and not allow_change:
             raise ConfigError(
                 "cannot resume: the data mixture differs from the checkpoint's in "
@@ -212,7 +224,7 @@ class MixtureSchedule:
         return differences
 
 
-def _blend(shares: list[float], in_segment: list[int], count: int) -> list[int]:
+def _blend_sources(shares: list[float], in_segment: list[int], count: int) -> list[int]:
     """The source of each of the next ``count`` examples: the one furthest below its share (first on ties).
 
     Plain Python floats (IEEE float64, as numpy's) are ten times faster than a numpy call per example for

@@ -14,18 +14,22 @@ is self-describing: ``fit`` reads it without the raw text and without tokenizing
     <source>/validation.docs.npy
 
 ``prepare`` builds each source in a staging directory and renames it into place, and rewrites
-``prepared.json`` atomically, so readers never see a half-written source. Sources already prepared
+``prepared.json`` atomically, so readers never see a half-written source; concurrent ``prepare`` runs
+(one per node) take turns through a lock file. Sources already prepared
 are never rewritten: preparing a recipe whose sources changed is refused (other runs may read them),
 and sources new to the recipe are added beside the existing ones.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +41,14 @@ from sdmoe_train.data.cache import MANIFEST_FILE, SPLITS, TokenCache, cache_fing
 from sdmoe_train.data.config import DataConfig, SourceSettings
 from sdmoe_train.data.tokenizer import TOKENIZER_FILE, eos_token_id
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.io import fsync_path, write_text_atomically
+from sdmoe_train.io import fsync_path, write_json_atomically, write_text_atomically
 
 PREPARED_FORMAT = "sdmoe-train-prepared"
 PREPARED_FORMAT_VERSION = 1
 """Bumped when the layout changes; readers refuse other versions."""
 PREPARED_FILE = "prepared.json"
+LOCK_FILE = ".prepare.lock"
+"""Held while a process prepares into the directory."""
 OFFSETS_SUFFIX = ".docs.npy"
 
 
@@ -80,28 +86,44 @@ def prepare_sources(
             or a source prepared from other inputs, or is a non-empty directory of something else.
     """
     root = Path(directory).expanduser()
-    metadata = _existing_metadata(root)
-    if metadata is None:
-        root.mkdir(parents=True, exist_ok=True)
-        metadata = _new_metadata(config, tokenizer)
-        write_text_atomically(root / TOKENIZER_FILE, tokenizer.to_str())
-    else:
-        _check_shared(metadata, config, tokenizer, root)
-    for name, source in sources.items():
-        fingerprint = cache_fingerprint(config, tokenizer, source)
-        entry = metadata["sources"].get(name)
-        if entry is not None:
-            if entry["fingerprint"] != fingerprint:
-                raise ConfigError(
-                    f"data.prepared_dir={str(directory)!r} holds source {name!r} prepared from other inputs "
-                    f"(fingerprint {entry['fingerprint']} != {fingerprint}: its files, their sizes or times "
-                    "changed); prepared data is never overwritten because other runs may read it: delete the "
-                    "directory or choose another data.prepared_dir"
-                )
-            continue
-        metadata["sources"][name] = _prepare_source(config, source, tokenizer, fingerprint, root / name)
-        write_text_atomically(root / PREPARED_FILE, json.dumps(metadata, indent=2) + "\n")
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"data.prepared_dir={str(directory)!r} is a file, not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root):
+        metadata = _existing_metadata(root)
+        if metadata is None:
+            metadata = _new_metadata(config, tokenizer)
+            write_json_atomically(root / PREPARED_FILE, metadata)
+        else:
+            _check_shared(metadata, config, tokenizer, root)
+        if not (root / TOKENIZER_FILE).is_file():
+            write_text_atomically(root / TOKENIZER_FILE, tokenizer.to_str())
+        for name, source in sources.items():
+            fingerprint = cache_fingerprint(config, tokenizer, source)
+            entry = metadata["sources"].get(name)
+            if entry is not None:
+                if entry["fingerprint"] != fingerprint:
+                    raise ConfigError(
+                        f"data.prepared_dir={str(directory)!r} holds source {name!r} prepared from other inputs "
+                        f"(fingerprint {entry['fingerprint']} != {fingerprint}: its files, their sizes or times "
+                        "changed); prepared data is never overwritten because other runs may read it: delete the "
+                        "directory or choose another data.prepared_dir"
+                    )
+                continue
+            metadata["sources"][name] = _prepare_source(config, source, tokenizer, fingerprint, root / name)
+            write_json_atomically(root / PREPARED_FILE, metadata)
     return open_prepared(root, config, tokenizer, list(sources))
+
+
+@contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    # Lightning prepares data on one process per node; nodes sharing a file system take turns here.
+    with open(root / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _new_metadata(config: DataConfig, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -152,10 +174,6 @@ def _prepare_source(
 
 
 def _existing_metadata(root: Path) -> dict[str, Any] | None:
-    if not root.exists():
-        return None
-    if not root.is_dir():
-        raise ConfigError(f"data.prepared_dir={str(root)!r} is a file, not a directory")
     if not (root / PREPARED_FILE).is_file():
         leftovers = [path.name for path in root.iterdir() if not path.name.startswith(".")]
         if leftovers:

@@ -11,9 +11,10 @@ Two kernels compute the same thing:
   gathered into rows padded to a multiple of :data:`PACKED_LENGTH_GRANULE` tokens, rows of equal padded
   length share one ``scaled_dot_product_attention(is_causal=True)`` call, and the outputs are scattered
   back. Padding sits after every real token of its row, so the causal mask hides it from them, and the
-  padded rows' own outputs are dropped: the result is exact. It costs at most what plain causal
-  attention costs (a sequence holding one document takes exactly that path) and less when documents
-  are short. It reads the boundaries on the host, which is free on CPU but a synchronisation on GPUs.
+  padded rows' own outputs are dropped: the result is exact. Its work is causal attention over each
+  document (plus the padding), less than causal attention over the whole sequence; a batch without
+  boundaries takes exactly that path. It reads the boundaries on the host, which is free on CPU but a
+  synchronisation on GPUs.
 * ``"flex"`` (CUDA): ``torch.nn.attention.flex_attention`` with a block mask built from the document
   ids, compiled. Blocks that no query may see are skipped. PyTorch 2.13 has no FlexAttention backward
   on CPU, which is why CPU training takes the packed path.

@@ -124,6 +124,13 @@ def test_changed_weights_are_refused_naming_old_and_new() -> None:
     assert "data.corpora[web]" not in message
 
 
+def test_another_shuffle_seed_is_a_change() -> None:
+    saved = _schedule(seed=3)
+    saved.advance(10)
+    with pytest.raises(ConfigError, match=r"data\.corpus\.shuffle_seed: checkpoint 3 != recipe 4"):
+        _schedule(seed=4).load_state_dict(saved.state_dict(), allow_change=False)
+
+
 def test_same_shares_at_another_scale_are_not_a_change() -> None:
     saved = _schedule()
     saved.advance(10)

@@ -187,26 +187,24 @@ def test_a_foreign_directory_is_not_used_for_prepared_data(tmp_path: Path, mixtu
         _module(shared, sources, tmp_path / "file")
 
 
-def test_a_killed_prepare_leaves_no_source_that_runs_would_read(
-    tmp_path: Path, mixture, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("killed_in", ["plays", "psalms"])
+def test_a_killed_prepare_leaves_only_complete_sources_and_can_be_run_again(
+    tmp_path: Path, mixture, monkeypatch: pytest.MonkeyPatch, killed_in: str
 ) -> None:
     shared, sources = mixture
     real_write = cache._write_tokens
 
-    def crash_on_second_source(documents, path, dtype):
-        if "psalms" in str(path) or ".psalms." in path.parent.name:
+    def crash_in_one_source(documents, path, dtype):
+        if path.parent.name.startswith(f".{killed_in}."):
             raise KeyboardInterrupt("killed mid-prepare")
         return real_write(documents, path, dtype)
 
-    monkeypatch.setattr(cache, "_write_tokens", crash_on_second_source)
+    monkeypatch.setattr(cache, "_write_tokens", crash_in_one_source)
     with pytest.raises(KeyboardInterrupt):
         _module(shared, sources, tmp_path / "prepared")
-    metadata = prepared.read_metadata(tmp_path / "prepared")
-    assert list(metadata["sources"]) == ["plays"]
-    assert sorted(path.name for path in (tmp_path / "prepared").iterdir()) == [
-        "plays",
-        "prepared.json",
-        "tokenizer.json",
-    ]
+    complete = ["plays"] if killed_in == "psalms" else []
+    assert list(prepared.read_metadata(tmp_path / "prepared")["sources"]) == complete
+    visible = sorted(path.name for path in (tmp_path / "prepared").iterdir() if not path.name.startswith("."))
+    assert visible == sorted([*complete, "prepared.json", "tokenizer.json"])
     monkeypatch.setattr(cache, "_write_tokens", real_write)
     assert len(_batches(_module(shared, sources, tmp_path / "prepared"), 3)) == 3
