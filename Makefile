@@ -74,8 +74,10 @@ demo-mixture: demo-corpus kjv-corpus
 # glibc keeps freed tensors instead of returning them to the OS after every step (see README, Performance).
 BENCH_MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736
 
-bench: install
+bench: install demo-corpus
 	$(PY) benchmarks/moe_layer.py --out benchmarks/results/moe_layer.json
+	$(PY) benchmarks/doc_attention.py --out benchmarks/results/doc_attention.json
+	$(PY) benchmarks/data_prepare.py --out benchmarks/results/data_prepare.json
 	$(BENCH_MALLOC) $(PY) benchmarks/sdmoe_overhead.py --out benchmarks/results/sdmoe_overhead.json
 	$(BENCH_MALLOC) $(PY) benchmarks/callback_overhead.py --out benchmarks/results/callback_overhead.json
 

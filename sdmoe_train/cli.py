@@ -109,6 +109,12 @@ class PretrainCLI(LightningCLI):
             print(f"validation loss: {self._initial_val_loss:.4f} before training -> {final:.4f} after")
         elif final is not None:
             print(f"validation loss after training: {final:.4f}")
+        metrics = self.trainer.callback_metrics
+        sources = [
+            f"{name[len('val/loss/') :]} {float(metrics[name]):.4f}" for name in metrics if name.startswith("val/loss/")
+        ]
+        if sources:
+            print("validation loss per source after training: " + ", ".join(sources))
         best = self.trainer.checkpoint_callback
         if best is not None and best.last_model_path:
             print(f"last checkpoint: {best.last_model_path}")

@@ -4,6 +4,7 @@ with changed weights refused unless allowed."""
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -91,9 +92,14 @@ def test_resume_with_changed_weights_is_refused_naming_old_and_new(
     assert "data.allow_mixture_change=true" in error
 
 
-def test_allowed_weight_change_continues_every_source_where_it_was(trained: Path, tmp_path: Path) -> None:
+def test_allowed_weight_change_continues_every_source_where_it_was(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = torch.load(trained.parent / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     main(_resume_with(trained, tmp_path, (0.75, 0.25), "--data.allow_mixture_change=true"))
+    assert re.search(
+        r"validation loss per source after training: plays \d+\.\d{4}, psalms \d+\.\d{4}", capsys.readouterr().out
+    )
     after = torch.load(tmp_path / "run" / "checkpoints" / "epoch=0-step=6.ckpt", weights_only=False)
     old, new = (state["PretrainDataModule"]["mixture"]["sources"] for state in (before, after))
     assert after["global_step"] == 6
