@@ -62,7 +62,7 @@ demo: demo-corpus
 # The King James Bible, one file per chapter, from Debian's bible-kjv package (public domain).
 kjv-corpus: install
 	@command -v bible >/dev/null || { echo "kjv-corpus needs the bible program: sudo apt-get install bible-kjv"; exit 2; }
-	$(PY) -m sdmoe_train.data.kjv_corpus data/kjv
+	$(VENV)/bin/sdmoe-train kjv-corpus data/kjv
 
 # Shakespeare (60 %) + King James Bible (40 %) mixture with document-aware attention.
 demo-mixture: demo-corpus kjv-corpus

@@ -36,9 +36,8 @@ from sdmoe_train.data.cache import build_token_cache
 from sdmoe_train.data.config import CorpusSource, DataConfig
 from sdmoe_train.data.datamodule import PretrainDataModule
 from sdmoe_train.data.tokenizer import encode_documents, eos_token_id, train_tokenizer
-from sdmoe_train.lightning.module import language_model_loss
 from sdmoe_train.models import presets
-from sdmoe_train.models.transformer import Transformer
+from sdmoe_train.models.transformer import Transformer, language_model_loss
 
 
 def parse_args() -> argparse.Namespace:

@@ -39,10 +39,9 @@ import torch
 import torch.nn.functional as F
 from reporting import environment, write_result
 
-from sdmoe_train.lightning.module import language_model_loss
 from sdmoe_train.models import presets
 from sdmoe_train.models.document_attention import DocumentMask, document_ids, positions_in_documents
-from sdmoe_train.models.transformer import Transformer
+from sdmoe_train.models.transformer import Transformer, language_model_loss
 
 SEQ_LEN = 1024
 BATCH = 8

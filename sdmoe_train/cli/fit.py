@@ -71,6 +71,7 @@ class PretrainCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision is None:
             config.trainer.precision = default_precision(config.trainer.accelerator)
+        check_sequence_length(config.data.corpus.seq_len, config.model.arch.max_seq_len)
         if self.subcommand == "fit":
             persist_wandb_run_id(config.trainer)
 
@@ -103,6 +104,19 @@ class PretrainCLI(LightningCLI):
         best = self.trainer.checkpoint_callback
         if best is not None and best.last_model_path:
             print(f"last checkpoint: {best.last_model_path}")
+
+
+def check_sequence_length(seq_len: int, max_seq_len: int) -> None:
+    """Refuses training examples longer than the model's context, before any data is tokenized or model built.
+
+    Raises:
+        ConfigError: If ``data.corpus.seq_len`` exceeds ``model.arch.max_seq_len``.
+    """
+    if seq_len > max_seq_len:
+        raise ConfigError(
+            f"data.corpus.seq_len={seq_len} is longer than the model's context, model.arch.max_seq_len={max_seq_len}; "
+            f"lower data.corpus.seq_len to at most {max_seq_len} or raise model.arch.max_seq_len"
+        )
 
 
 def add_default_callbacks(trainer: Any) -> None:

@@ -54,4 +54,10 @@ def run(argv: list[str]) -> None:
             f"{where} of {name!r} ready in {cache.path}: "
             f"{len(cache.train_tokens):,} train / {len(cache.val_tokens):,} validation tokens"
         )
+        skipped = cache.manifest.get("skipped_rows")
+        if skipped is not None:
+            print(
+                f"  skipped {skipped['count']:,} of {skipped['total']:,} rows without text in {name!r} "
+                f"(first: {skipped['first']})"
+            )
     print(f"{where} ready in {time.perf_counter() - started:.1f} s")

@@ -30,7 +30,7 @@ import pyarrow.compute
 from tokenizers import Tokenizer
 
 from sdmoe_train.data.config import DataConfig, SourceSettings
-from sdmoe_train.data.documents import load_documents
+from sdmoe_train.data.documents import check_text_column, load_documents
 from sdmoe_train.data.tokenizer import encode_documents, eos_token_id
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.io import fsync_path
@@ -69,15 +69,22 @@ class TokenCache:
         Raises:
             ConfigError: If a split file does not match the size recorded in the manifest.
         """
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
-        dtype = np.dtype(manifest["dtype"])
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+            dtype = np.dtype(manifest["dtype"])
+            files = {split: path / manifest["splits"][split]["file"] for split in SPLITS}
+            counts = {split: int(manifest["splits"][split]["num_tokens"]) for split in SPLITS}
+            sizes = {split: files[split].stat().st_size for split in SPLITS}
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise ConfigError(
+                f"token cache {path} is damaged ({type(error).__name__}: {error}); delete the directory to rebuild it"
+            ) from error
         tokens = {}
         for split in SPLITS:
-            file = path / manifest["splits"][split]["file"]
-            num_tokens = manifest["splits"][split]["num_tokens"]
-            if file.stat().st_size != num_tokens * dtype.itemsize:
+            file, num_tokens = files[split], counts[split]
+            if sizes[split] != num_tokens * dtype.itemsize:
                 raise ConfigError(
-                    f"token cache {path} is corrupt: {file.name} has {file.stat().st_size} bytes, "
+                    f"token cache {path} is corrupt: {file.name} has {sizes[split]} bytes, "
                     f"expected {num_tokens} x {dtype.itemsize}; delete the directory to rebuild it"
                 )
             # np.memmap cannot map an empty file, and an empty split needs no mapping.
@@ -202,10 +209,7 @@ def build_token_cache(config: DataConfig, tokenizer: Tokenizer, source: SourceSe
     final = Path(config.cache_dir).expanduser() / fingerprint
     if (final / MANIFEST_FILE).is_file():
         return TokenCache.open(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", suffix=".partial", dir=final.parent))
-    # mkdtemp makes the directory private (0700); the finished cache is readable like other outputs.
-    staging.chmod(0o755)
+    staging = writable_staging_directory(final, "data.corpus.cache_dir", config.cache_dir)
     try:
         manifest, _ = tokenize_source(config, source, tokenizer, fingerprint, staging)
         write_json(staging / MANIFEST_FILE, manifest)
@@ -220,6 +224,29 @@ def build_token_cache(config: DataConfig, tokenizer: Tokenizer, source: SourceSe
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return TokenCache.open(final)
+
+
+def writable_staging_directory(final: Path, setting: str, value: str) -> Path:
+    """Creates a private staging directory beside ``final`` (renamed into place once complete).
+
+    Args:
+        final: Where the finished directory will live; its parent is created.
+        setting: The recipe setting that chose the location, for the message.
+        value: Its value.
+
+    Raises:
+        ConfigError: If the location cannot be created or written (before any tokenizing starts).
+    """
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    except (PermissionError, FileExistsError, NotADirectoryError) as error:
+        raise ConfigError(
+            f"{setting}={value!r} cannot be written ({type(error).__name__}: {error}); choose a writable directory"
+        ) from error
+    # mkdtemp makes the directory private (0700); the finished directory is readable like other outputs.
+    staging.chmod(0o755)
+    return staging
 
 
 def tokenize_source(
@@ -244,6 +271,9 @@ def tokenize_source(
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
     documents = load_documents(source, streaming=False, cache_dir=scratch)
     assert isinstance(documents, datasets.Dataset), "non-streaming loading returns a Dataset"
+    skipped = None
+    if source.token_field is None:
+        documents, skipped = check_text_column(documents, source, source.resolve_files() if source.data_files else [])
     num_proc = min(config.num_proc, len(documents))
     if source.token_field is None:
         function, arguments, description = _encode_batch, {"tokenizer": tokenizer, "eos_id": eos_id}, "Tokenizing"
@@ -281,6 +311,8 @@ def tokenize_source(
         "sources": source_origin(source),
         "splits": splits,
     }
+    if skipped is not None:
+        manifest["skipped_rows"] = {"count": skipped.count, "total": skipped.total, "first": skipped.first}
     return manifest, document_lengths
 
 

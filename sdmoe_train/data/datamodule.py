@@ -34,6 +34,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
@@ -50,7 +51,13 @@ from sdmoe_train.data.mixture import (
 from sdmoe_train.data.packing import PackedBlocks
 from sdmoe_train.data.sampler import ResumableDistributedSampler, TrainingSampler
 from sdmoe_train.data.streaming import StreamingPackedBlocks, held_out_documents
-from sdmoe_train.data.token_data import build_token_data, ensure_token_data, open_token_data, recipe_sources
+from sdmoe_train.data.token_data import (
+    build_token_data,
+    ensure_token_data,
+    open_token_data,
+    recipe_sources,
+    validation_blocks,
+)
 from sdmoe_train.data.tokenizer import eos_token_id, load_tokenizer
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.parallel.gather import all_gather_objects
@@ -177,8 +184,15 @@ class PretrainDataModule(L.LightningDataModule):
 
         Returns:
             Source name -> its opened token data.
+
+        Raises:
+            ConfigError: As :meth:`prepare_data`, and if a source's validation split cannot give one example
+                (checked here so that ``prepare`` fails, not the run that follows it).
         """
-        return build_token_data(self.corpus, self.sources, self.tokenizer, self.prepared_dir)
+        token_data = build_token_data(self.corpus, self.sources, self.tokenizer, self.prepared_dir)
+        for name, cache in token_data.items():
+            validation_blocks(self.corpus, cache, name if self.is_mixture else None)
+        return token_data
 
     def setup(self, stage: str) -> None:
         """Opens the token data (or the document stream) on every process."""
@@ -196,23 +210,21 @@ class PretrainDataModule(L.LightningDataModule):
             )
             if self._restored_state is not None:
                 self._restore_stream(self._restored_state)
-            if len(val_tokens) > 0:
+            if self.corpus.streaming_val_docs > 0:
                 self._val_blocks = PackedBlocks(val_tokens, seq_len, "validation")
             return
         caches = open_token_data(self.corpus, self.sources, self.tokenizer, self.prepared_dir)
+        if self.corpus.val_fraction == 0:
+            rank_zero_info("data.corpus.val_fraction=0: no document is held out, so the run logs no validation loss")
         if not self.is_mixture:
             cache = caches[SINGLE_CORPUS_NAME]
             self._train_blocks = PackedBlocks(cache.train_tokens, seq_len, "train")
-            if len(cache.val_tokens) > 0:
-                self._val_blocks = PackedBlocks(cache.val_tokens, seq_len, "validation")
+            self._val_blocks = validation_blocks(self.corpus, cache)
             return
         train = {name: PackedBlocks(cache.train_tokens, seq_len, "train", name) for name, cache in caches.items()}
         self._train_blocks = MixtureBlocks(list(train.values()))
-        self._val_blocks_by_source = {
-            name: PackedBlocks(cache.val_tokens, seq_len, "validation", name)
-            for name, cache in caches.items()
-            if len(cache.val_tokens) > 0
-        }
+        validation = {name: validation_blocks(self.corpus, cache, name) for name, cache in caches.items()}
+        self._val_blocks_by_source = {name: blocks for name, blocks in validation.items() if blocks is not None}
         assert self.mixture_weights is not None
         sources = [MixtureSource(name, self.mixture_weights[name], len(blocks)) for name, blocks in train.items()]
         self._schedule = MixtureSchedule(sources, self.corpus.shuffle_seed)

@@ -7,12 +7,11 @@ beginning ...``). The preparer strips the references and writes every chapter as
 files of about a thousand tokens, so packed training sequences cross many document boundaries),
 named ``<book>-<abbreviation>-<chapter>.txt`` in canonical order, verses one per line.
 
-Usage: ``python -m sdmoe_train.data.kjv_corpus DEST`` writes the chapters into DEST (idempotent).
+Usage: ``sdmoe-train kjv-corpus DEST`` writes the chapters into DEST (idempotent).
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 import subprocess
@@ -113,17 +112,3 @@ def install_kjv_corpus(destination: Path, text: str | None = None) -> list[Path]
             write_text_atomically(target, chapter.text)
         files.append(target)
     return files
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m sdmoe_train.data.kjv_corpus DEST``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("destination", type=Path, help="directory that receives one .txt file per chapter")
-    args = parser.parse_args(argv)
-    files = install_kjv_corpus(args.destination)
-    size_mb = sum(file.stat().st_size for file in files) / 1e6
-    print(f"{len(files)} chapters ({size_mb:.1f} MB) in {args.destination}")
-
-
-if __name__ == "__main__":
-    main()

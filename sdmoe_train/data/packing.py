@@ -40,7 +40,10 @@ class PackedBlocks(Dataset[torch.Tensor]):
         """
         if len(tokens) < seq_len + 1:
             if split == "validation":
-                remedy = "hold out more documents (data.corpus.val_fraction, or data.corpus.streaming_val_docs)"
+                remedy = (
+                    "hold out more documents (data.corpus.val_fraction, or data.corpus.streaming_val_docs), or set "
+                    "data.corpus.val_fraction=0 (streaming: streaming_val_docs=0) to train without validation"
+                )
             else:
                 remedy = "lower data.corpus.val_fraction"
             owner = f"the {split} split" if source is None else f"the {split} split of source {source!r}"

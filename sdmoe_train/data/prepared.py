@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +36,15 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from sdmoe_train.data.cache import MANIFEST_FILE, SPLITS, TokenCache, cache_fingerprint, tokenize_source, write_json
+from sdmoe_train.data.cache import (
+    MANIFEST_FILE,
+    SPLITS,
+    TokenCache,
+    cache_fingerprint,
+    tokenize_source,
+    writable_staging_directory,
+    write_json,
+)
 from sdmoe_train.data.config import DataConfig, SourceSettings
 from sdmoe_train.data.tokenizer import TOKENIZER_FILE, eos_token_id
 from sdmoe_train.errors import ConfigError
@@ -88,7 +95,14 @@ def prepare_sources(
     root = Path(directory).expanduser()
     if root.exists() and not root.is_dir():
         raise ConfigError(f"data.prepared_dir={str(directory)!r} is a file, not a directory")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / LOCK_FILE).touch()
+    except (PermissionError, FileExistsError, NotADirectoryError) as error:
+        raise ConfigError(
+            f"data.prepared_dir={str(directory)!r} cannot be written ({type(error).__name__}: {error}); choose a "
+            "writable directory (runs that only read prepared data need no write access once it is complete)"
+        ) from error
     with _exclusive(root):
         metadata = _existing_metadata(root)
         if metadata is None:
@@ -150,8 +164,7 @@ def _prepare_source(
     if final.exists():
         # A directory prepared.json does not list: left by a build killed after its rename.
         shutil.rmtree(final)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    staging.chmod(0o755)
+    staging = writable_staging_directory(final, "data.prepared_dir", str(final.parent))
     try:
         manifest, document_lengths = tokenize_source(config, source, tokenizer, fingerprint, staging)
         for split, lengths in document_lengths.items():
@@ -203,6 +216,10 @@ def read_metadata(root: Path) -> dict[str, Any]:
         raise ConfigError(f"{file} is not readable JSON ({error}); prepare the data again") from error
     if not isinstance(metadata, dict) or metadata.get("format") != PREPARED_FORMAT:
         raise ConfigError(f'{file} is not sdmoe-train prepared data (no "format": "{PREPARED_FORMAT}")')
+    required = {"tokenizer": dict, "sources": dict, "dtype": str, "val_fraction": (int, float), "shuffle_seed": int}
+    damaged = [key for key, kind in required.items() if not isinstance(metadata.get(key), kind)]
+    if metadata.get("format_version") == PREPARED_FORMAT_VERSION and damaged:
+        raise ConfigError(f"{file} is damaged (missing or invalid {damaged}); prepare the data again")
     if metadata.get("format_version") != PREPARED_FORMAT_VERSION:
         raise ConfigError(
             f"{file} has format_version {metadata.get('format_version')!r}; this version of sdmoe-train reads "

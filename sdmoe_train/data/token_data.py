@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 from sdmoe_train.data.cache import TokenCache, build_token_cache, load_token_cache
 from sdmoe_train.data.config import SINGLE_CORPUS_NAME, CorpusSource, DataConfig, SourceSettings
+from sdmoe_train.data.packing import PackedBlocks
 from sdmoe_train.data.prepared import PREPARED_FILE, open_prepared, prepare_sources, read_metadata
 from sdmoe_train.errors import ConfigError
 
@@ -99,3 +100,32 @@ def open_token_data(
 
 def _prepared_has(directory: Path, sources: dict[str, SourceSettings]) -> bool:
     return (directory / PREPARED_FILE).is_file() and set(sources) <= set(read_metadata(directory)["sources"])
+
+
+def validation_blocks(corpus: DataConfig, cache: TokenCache, source: str | None = None) -> PackedBlocks | None:
+    """The validation examples of one source; None when ``data.corpus.val_fraction`` is 0 (no validation).
+
+    An empty validation split is treated like one too short for a single example: both are refused,
+    because a run that asked for validation must not silently never validate.
+
+    Args:
+        corpus: The shared data settings (``val_fraction``, ``seq_len``).
+        cache: The source's token data.
+        source: Name of the mixture source, for messages; None for a single corpus.
+
+    Raises:
+        ConfigError: If ``val_fraction`` > 0 but the split holds no document or fewer than ``seq_len`` + 1 tokens.
+    """
+    if corpus.val_fraction == 0:
+        return None
+    splits = cache.manifest["splits"]
+    if splits["validation"]["num_docs"] == 0:
+        owner = "the validation split" if source is None else f"the validation split of source {source!r}"
+        documents = splits["train"]["num_docs"]
+        raise ConfigError(
+            f"{owner} is empty: data.corpus.val_fraction={corpus.val_fraction} holds out whole documents, and the "
+            f"source has {documents} document(s), all kept for training (one document is never held out); add "
+            "documents (a .txt file is one document: split a large one into several files), or set "
+            "data.corpus.val_fraction=0 to train without validation"
+        )
+    return PackedBlocks(cache.val_tokens, corpus.seq_len, "validation", source)

@@ -6,13 +6,13 @@ Training is an explicit, separate step (``sdmoe-train prepare``); the data modul
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from sdmoe_train.data.config import DataConfig, SourceSettings, data_format, resolve_data_files
-from sdmoe_train.data.documents import load_documents, load_file_documents
+from sdmoe_train.data.config import DataConfig, SourceSettings
+from sdmoe_train.data.documents import document_texts, load_documents
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.io import write_text_atomically
 
@@ -44,10 +44,9 @@ def train_tokenizer(files: list[str], vocab_size: int, output_path: str | Path, 
         ConfigError: If a pattern matches no file, formats are mixed or vocab_size is too small.
     """
     _check_vocab_size(vocab_size)
-    fmt = data_format(files, owner="tokenizer training files")
-    paths = resolve_data_files(files, owner="tokenizer training files")
-    documents = load_file_documents(paths, fmt, text_field, streaming=True)
-    return _train_on(documents, vocab_size, Path(output_path))
+    source = SourceSettings(data_files=list(files), text_field=text_field)
+    texts = document_texts(load_documents(source, streaming=True), source)
+    return _train_on(texts, vocab_size, Path(output_path))
 
 
 def train_corpus_tokenizer(
@@ -78,8 +77,8 @@ def train_corpus_tokenizer(
             f"{', '.join(tokenized)} hold token ids, which only the tokenizer that produced them can read; "
             f"set data.corpus.tokenizer={config.tokenizer!r} to that tokenizer instead of training a new one"
         )
-    streams = [load_documents(source, streaming=True) for source in sources]
-    return _train_on(itertools.chain.from_iterable(streams), config.vocab_size, Path(output_path))
+    texts = [document_texts(load_documents(source, streaming=True), source) for source in sources]
+    return _train_on(itertools.chain.from_iterable(texts), config.vocab_size, Path(output_path))
 
 
 def _check_vocab_size(vocab_size: int) -> None:
@@ -87,7 +86,7 @@ def _check_vocab_size(vocab_size: int) -> None:
         raise ConfigError(f"vocab_size={vocab_size} must be >= 257 (256 bytes + {EOS_TOKEN})")
 
 
-def _train_on(documents: Iterable[dict], vocab_size: int, output_path: Path) -> Tokenizer:
+def _train_on(texts: Iterable[str], vocab_size: int, output_path: Path) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -98,15 +97,10 @@ def _train_on(documents: Iterable[dict], vocab_size: int, output_path: Path) -> 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_texts(documents), trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     # A crash while writing must not leave a truncated tokenizer.json that a later run would load.
     write_text_atomically(output_path, tokenizer.to_str())
     return tokenizer
-
-
-def _texts(documents: Iterable[dict]) -> Iterator[str]:
-    for document in documents:
-        yield document["text"] or ""
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

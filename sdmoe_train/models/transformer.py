@@ -129,9 +129,14 @@ class Transformer(nn.Module):
 
         Returns:
             Logits (B, S, V) and, for MoE models, the per-layer routing record.
+
+        Raises:
+            ValueError: If the sequences are longer than ``config.max_seq_len``.
         """
         seq_len = tokens_BS.shape[1]
-        assert seq_len <= self.config.max_seq_len, f"sequence of {seq_len} > max_seq_len={self.config.max_seq_len}"
+        if seq_len > self.config.max_seq_len:
+            # Not an assert: under `python -O` the model would silently train past its context length.
+            raise ValueError(f"sequence of {seq_len} tokens > max_seq_len={self.config.max_seq_len}")
         cos, sin = rotary_tables(
             seq_len, self.blocks[0].attn.rotary_dim, self.config.attention.rope_theta, tokens_BS.device, positions_BS
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from sdmoe_train.cli import main
 from sdmoe_train.data import kjv_corpus
 from sdmoe_train.data.kjv_corpus import install_kjv_corpus, parse_chapters
 
@@ -63,3 +64,17 @@ def test_the_whole_bible_has_1189_chapters_and_31102_verses() -> None:
     chapters = parse_chapters(kjv_corpus.bible_text().splitlines())
     assert len(chapters) == 1189 and sum(len(chapter.verses) for chapter in chapters) == 31102
     assert chapters[-1].file_name == "66-Rev-022.txt"
+
+
+def test_the_subcommand_writes_the_chapters_and_reports_a_missing_program(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(kjv_corpus, "bible_text", lambda: BIBLE_OUTPUT)
+    main(["kjv-corpus", str(tmp_path / "kjv")])
+    assert capsys.readouterr().out.startswith(f"5 chapters (0.0 MB) in {tmp_path / 'kjv'}")
+    monkeypatch.undo()
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["kjv-corpus", str(tmp_path / "elsewhere")])
+    assert exit_info.value.code == 2
+    assert "apt-get install bible-kjv" in capsys.readouterr().err

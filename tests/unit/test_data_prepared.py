@@ -140,6 +140,10 @@ def _damage(directory: Path, how: str, tmp_path: Path) -> None:
         np.save(directory / "plays" / "train.docs.npy", np.array([0, 5], dtype=np.int64))
     elif how == "missing_offsets":
         (directory / "psalms" / "validation.docs.npy").unlink()
+    elif how == "missing_sources":
+        metadata_file.write_text(json.dumps({key: value for key, value in metadata.items() if key != "sources"}))
+    elif how == "damaged_source_manifest":
+        (directory / "plays" / "manifest.json").write_text('{"dtype": "uint16"}')
 
 
 @pytest.mark.parametrize(
@@ -151,6 +155,8 @@ def _damage(directory: Path, how: str, tmp_path: Path) -> None:
         ("truncated_tokens", "train.bin has 10 bytes"),
         ("damaged_offsets", "train.docs.npy does not describe"),
         ("missing_offsets", "validation.docs.npy is missing or damaged"),
+        ("missing_sources", r"prepared.json is damaged \(missing or invalid \['sources'\]\)"),
+        ("damaged_source_manifest", r"token cache .*plays is damaged \(KeyError"),
     ],
 )
 def test_damaged_prepared_data_is_reported(tmp_path: Path, mixture, how: str, message: str) -> None:
