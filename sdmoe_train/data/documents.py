@@ -68,7 +68,10 @@ def load_file_documents(
             **extra,
         )
     except Exception as error:
-        raise unreadable_file_error(files, fmt, owner, error) from error
+        named = unreadable_file_error(files, fmt, owner, error)
+        if named is None or named is error:
+            raise
+        raise named from error
     return _only_column(documents, "text" if fmt == "text" else text_field, owner, token_field)
 
 
@@ -120,8 +123,8 @@ def _only_column(documents: Documents, text_field: str, owner: str, token_field:
     return documents if field == output else documents.rename_column(field, output)
 
 
-def unreadable_file_error(files: Sequence[Path], fmt: DataFormat, owner: str, error: Exception) -> Exception:
-    """Names the file (and line or byte) that ``datasets`` failed to read; ``error`` itself if none is found.
+def unreadable_file_error(files: Sequence[Path], fmt: DataFormat, owner: str, error: Exception) -> ConfigError | None:
+    """Names the file (and line or byte) that ``datasets`` failed to read; None if no file is at fault.
 
     Only called after a failure, so reading the files again to find the culprit costs nothing otherwise.
 
@@ -132,8 +135,8 @@ def unreadable_file_error(files: Sequence[Path], fmt: DataFormat, owner: str, er
         error: What ``datasets`` raised.
 
     Returns:
-        A :class:`ConfigError` naming the unreadable file, or ``error`` when every file reads cleanly
-        (then the failure is not the data's fault and must surface as it is).
+        A :class:`ConfigError` naming the unreadable file (``error`` itself if it is one already), or None
+        when every file reads cleanly: then the failure is not the data's fault and must surface as it is.
     """
     if isinstance(error, ConfigError):
         return error
@@ -144,7 +147,7 @@ def unreadable_file_error(files: Sequence[Path], fmt: DataFormat, owner: str, er
                 f"{owner}.data_files: {file} {problem}; fix the file (text files must be UTF-8: convert with "
                 "e.g. `iconv -f latin1 -t utf-8`) or remove it from the pattern"
             )
-    return error
+    return None
 
 
 def _file_problem(file: Path, fmt: DataFormat) -> str | None:
@@ -260,9 +263,11 @@ def document_texts(documents: Iterable[dict[str, Any]], source: SourceSettings) 
         except StopIteration:
             break
         except Exception as error:
-            if source.file_format is None:
+            fmt = source.file_format
+            named = None if fmt is None else unreadable_file_error(files, fmt, source.setting_prefix, error)
+            if named is None or named is error:
                 raise
-            raise unreadable_file_error(files, source.file_format, source.setting_prefix, error) from error
+            raise named from error
         if "text" not in document:
             # A stream learns its columns from the first row; other sources are checked when loaded.
             raise ConfigError(
