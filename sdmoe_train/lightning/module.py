@@ -15,6 +15,12 @@ SD-MoE (arXiv 2602.12556) is applied in ``__init__``, before any optimizer exist
 ``sdmoe.enabled: false`` (or no ``sdmoe``) the model is the vanilla one and none of its hooks do work.
 SSMoE spectral routing (arXiv 2605.30992) is applied after it and after ``init_from`` weights are loaded;
 its U is recomputed every ``ssmoe.refresh_every`` optimizer steps, right after the step (step 3).
+
+Packed documents: when the data module sets ``cross_document_attention: false`` or
+``restart_positions: true``, every forward derives the document of each token from the EOS positions
+of the batch and hands the model the document ids (block-diagonal causal attention) and/or positions
+restarting at each document. A mixture's validation runs one loader per source: ``val/loss/<source>``
+per source, and ``val/loss`` as their mean weighted by the mixture's shares.
 """
 
 # Shape key: B sequences, S tokens, V vocabulary, L MoE layers, E experts.
@@ -36,7 +42,8 @@ from sdmoe_train.checkpointing.run_identity import IDENTITY_KEY, check_resume_co
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
-from sdmoe_train.models.transformer import MoEAux, Transformer, language_model_loss
+from sdmoe_train.models.document_attention import document_ids, positions_in_documents
+from sdmoe_train.models.transformer import MoEAux, Transformer, TransformerOutput, language_model_loss
 from sdmoe_train.moe.diagnostics import load_health
 from sdmoe_train.moe.sdmoe import (
     SDMoEConfig,
@@ -162,6 +169,14 @@ class PretrainModule(L.LightningModule):
         """Routing record of the latest training micro-batch, read by the routing-health monitor."""
         self._tokens_since_step = 0
         self._last_step_time = time.perf_counter()
+        self._document_eos_id: int | None = None
+        """EOS id marking document ends when documents are masked or positions restart (set in setup)."""
+        self._mask_documents = False
+        self._restart_positions = False
+        self._validation_sources: list[str] | None = None
+        self._source_shares: dict[str, float] = {}
+        self.val_source_losses = torch.nn.ModuleDict()
+        """Validation loss per mixture source (created in setup)."""
 
     def configure_model(self) -> None:
         # Lightning calls this once the processes are up, before the strategy wraps the model and before a
@@ -190,13 +205,33 @@ class PretrainModule(L.LightningModule):
                 f"model.arch.vocab_size={self.arch.vocab_size} is smaller than the tokenizer's vocabulary "
                 f"({data_vocab}); set model.arch.vocab_size >= {data_vocab}"
             )
+        self._mask_documents = not getattr(datamodule, "cross_document_attention", True)
+        self._restart_positions = getattr(datamodule, "restart_positions", False)
+        if self._mask_documents or self._restart_positions:
+            self._document_eos_id = datamodule.eos_token_id
+        self._validation_sources = getattr(datamodule, "validation_sources", None)
+        if self._validation_sources:
+            weights = datamodule.mixture_weights
+            total = sum(weights[name] for name in self._validation_sources)
+            self._source_shares = {name: weights[name] / total for name in self._validation_sources}
+            self.val_source_losses = torch.nn.ModuleDict({name: MeanMetric() for name in self._validation_sources})
 
     def forward(self, tokens_BS: Tensor) -> Tensor:
-        return self.model(tokens_BS).logits
+        return self._model_outputs(tokens_BS).logits
+
+    def _model_outputs(self, inputs_BS: Tensor) -> TransformerOutput:
+        if self._document_eos_id is None:
+            return self.model(inputs_BS)
+        ids_BS = document_ids(inputs_BS, self._document_eos_id)
+        return self.model(
+            inputs_BS,
+            document_ids_BS=ids_BS if self._mask_documents else None,
+            positions_BS=positions_in_documents(ids_BS) if self._restart_positions else None,
+        )
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         inputs_BS, targets_BS = batch[:, :-1], batch[:, 1:]
-        out = self.model(inputs_BS)
+        out = self._model_outputs(inputs_BS)
         lm_loss = language_model_loss(out.logits, targets_BS)
         loss = lm_loss
         if out.moe is not None:
@@ -277,6 +312,10 @@ class PretrainModule(L.LightningModule):
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("train/tokens_per_sec", tokens / max(now - self._last_step_time, 1e-9), prog_bar=True)
         self._last_step_time = now
+        mixture_metrics = getattr(getattr(self.trainer, "datamodule", None), "mixture_metrics", None)
+        if mixture_metrics is not None:
+            # Computed from the mixture position, which is global and the same on every rank.
+            self.log_dict(mixture_metrics())
 
     def on_fit_start(self) -> None:
         # A `trainer.validate` before `fit` leaves the metric states as inference-mode tensors, which
@@ -287,20 +326,27 @@ class PretrainModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._last_step_time = time.perf_counter()
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         inputs_BS, targets_BS = batch[:, :-1], batch[:, 1:]
-        out = self.model(inputs_BS)
+        out = self._model_outputs(inputs_BS)
         logits_BSV = out.logits.float()
         if out.moe is not None:
             load_LE = out.moe.tokens_per_expert_LE
             self._val_load_LE = load_LE if self._val_load_LE is None else self._val_load_LE + load_LE
-        self.val_loss.update(language_model_loss(logits_BSV, targets_BS), weight=targets_BS.numel())
+        loss = language_model_loss(logits_BSV, targets_BS)
+        if self._validation_sources:
+            self.val_source_losses[self._validation_sources[dataloader_idx]].update(loss, weight=targets_BS.numel())
+            return
+        self.val_loss.update(loss, weight=targets_BS.numel())
         self.val_perplexity.update(logits_BSV, targets_BS)
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/perplexity", self.val_perplexity)
 
     def on_validation_epoch_end(self) -> None:
-        """Routing health of the whole validation set per MoE layer: ``val/<quantity>/layer_NN``."""
+        """Per-source losses of a mixture, and routing health of the whole validation set per MoE layer:
+        ``val/<quantity>/layer_NN``."""
+        if self._validation_sources:
+            self._log_source_losses()
         if self._val_load_LE is None:
             return
         load_LE = self.trainer.strategy.reduce(self._val_load_LE, reduce_op="sum")
@@ -309,6 +355,21 @@ class PretrainModule(L.LightningModule):
         for row, (index, _) in enumerate(self.model.moe_layers()):
             for name in ("load_entropy", "dead_expert_fraction", "load_cv"):
                 self.log(f"val/{name}/layer_{index:02d}", health[name][row])
+
+    def _log_source_losses(self) -> None:
+        # Every rank validates the same number of batches per source, so all take the same branches
+        # (compute() synchronises across ranks).
+        losses = {}
+        for name, metric in self.val_source_losses.items():
+            if metric.update_count > 0:
+                losses[name] = metric.compute()
+                self.log(f"val/loss/{name}", losses[name])
+            metric.reset()
+        if losses:
+            shares = torch.tensor([self._source_shares[name] for name in losses])
+            overall = (torch.stack(list(losses.values())).cpu() * shares).sum() / shares.sum()
+            self.log("val/loss", overall, prog_bar=True)
+            self.log("val/perplexity", overall.exp())
 
     def configure_optimizers(self) -> dict[str, Any]:
         # A tied output head is the embedding tensor itself, so it follows the embedding's policy.
