@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from sdmoe_train.io.checkpoints import read_manifest
+from sdmoe_train.checkpointing.manifest import read_manifest
 from sdmoe_train.parallel.deepspeed import LAYOUT_KEY, rank_file
 from tests.integration import fake_srun
 from tests.integration.loss_recorder import read_losses
