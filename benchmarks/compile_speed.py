@@ -4,7 +4,8 @@ Two copies of the same model (same initial weights, same fixed batch) are steppe
 one step each, so machine noise hits both alike; one step is what ``PretrainModule`` runs per optimizer step
 (forward, backward, clipping, AdamW; ``benchmarks/sdmoe_overhead.py``'s ``Trainee``). The compiled copy's
 first steps include compilation: ``warmup_s`` is the time of the warm-up steps beyond as many eager steps;
-medians of the steps after them give the ratio. The logits of the first step are compared as a sanity check.
+medians of the steps after them give the ratio. At the end both copies' logits on the batch are compared
+(after the same steps they should differ by rounding only).
 
     python benchmarks/compile_speed.py --out benchmarks/results/compile_speed.json
 

@@ -16,7 +16,9 @@ On CUDA (or ROCm) it reports, as JSON and as a short table:
 6. a 3-step Lightning ``fit`` of the Qwen slice with :class:`PerformanceMonitor`, the logged ``perf/*`` values.
 
 Without a GPU it runs the same code on the tiny presets in fp32 (the test suite does this), skipping compile
-unless ``--compile`` is given. Nothing is downloaded; the tokens are random.
+unless ``--compile`` is given. Nothing is downloaded; the tokens are random. A part that fails (say, compile
+on an untested driver) is reported with its error in the JSON and the table, the other parts still run, and
+the script exits with status 1.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -316,7 +321,10 @@ def _last_logged_perf(metrics_csv: Path) -> dict[str, float]:
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"{'model':<28} {'step ms':>9} {'tokens/s':>10} {'TFLOPS':>8} {'MFU':>6} {'peak GiB':>9}")
-    for row in result["training"].values():
+    for family, row in result["training"].items():
+        if "error" in row:
+            print(f"{config_name(family):<28} failed: {row['error']}")
+            continue
         mfu = "-" if row["mfu"] is None else f"{row['mfu']:.1%}"
         memory = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.1f}"
         name = f"{row['preset']} ({row['layers']} layers)"
@@ -324,40 +332,67 @@ def print_table(result: dict[str, Any]) -> None:
             f"{name:<28} {row['step_ms']:>9.1f} {row['tokens_per_sec']:>10.0f} {row['tflops']:>8.2f} "
             f"{mfu:>6} {memory:>9}"
         )
-    moe = result["moe_layer"]
-    print(
-        f"MoE layer fwd+bwd: grouped GEMM {moe['grouped_gemm_ms']:.2f} ms, per-expert loop "
-        f"{moe['per_expert_loop_ms']:.2f} ms ({moe['loop_over_grouped']:.2f}x)"
-    )
-    print(f"SD-MoE training step: x{result['sdmoe']['overhead_ratio']:.3f} of the vanilla step")
-    compiled = result["compile"]
-    if "skipped" in compiled:
-        print(f"compile: skipped ({compiled['skipped']})")
-    else:
-        print(f"compiled blocks: x{compiled['compiled_over_eager']:.3f} of eager, warm-up {compiled['warmup_s']:.0f} s")
-    print(f"Lightning fit: {json.dumps(result['lightning']['perf'])}")
+    lines = {
+        "moe_layer": lambda moe: (
+            f"MoE layer fwd+bwd: grouped GEMM {moe['grouped_gemm_ms']:.2f} ms, per-expert loop "
+            f"{moe['per_expert_loop_ms']:.2f} ms ({moe['loop_over_grouped']:.2f}x)"
+        ),
+        "sdmoe": lambda sdmoe: f"SD-MoE training step: x{sdmoe['overhead_ratio']:.3f} of the vanilla step",
+        "compile": lambda compiled: (
+            f"compile: skipped ({compiled['skipped']})"
+            if "skipped" in compiled
+            else f"compiled blocks: x{compiled['compiled_over_eager']:.3f} of eager, "
+            f"warm-up {compiled['warmup_s']:.0f} s"
+        ),
+        "lightning": lambda fit: f"Lightning fit: {json.dumps(fit['perf'])}",
+    }
+    for part, line in lines.items():
+        print(f"{part}: failed: {result[part]['error']}" if "error" in result[part] else line(result[part]))
+
+
+def _guarded(part: str, measure: Callable[[], dict[str, Any]], failed: list[str]) -> dict[str, Any]:
+    """``measure()``, or its error: a check reports every part that fails, not only the first."""
+    try:
+        return measure()
+    except Exception as error:
+        traceback.print_exc()
+        failed.append(part)
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run every part; returns the result, after writing it (exits with status 1 if a part failed)."""
     args = parse_args(argv)
     started = time.perf_counter()
     report = environment_report()
     device_name = report["devices"][0]["name"] if report["devices"] else "cpu"
     peak = args.peak_tflops or peak_bf16_tflops(device_name)
+    failed: list[str] = []
     result: dict[str, Any] = {
         "benchmark": "gpu_check",
         "environment": report,
         "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "peak_tflops": peak},
-        "training": {family: measure_training(family, args, peak) for family in FAMILIES},
-        "moe_layer": measure_moe_layer(args),
-        "sdmoe": measure_sdmoe(args),
-        "compile": measure_compile(args) if args.compile else {"skipped": "no GPU; pass --compile to run it"},
+        "training": {
+            family: _guarded(f"training/{family}", lambda family=family: measure_training(family, args, peak), failed)
+            for family in FAMILIES
+        },
+        "moe_layer": _guarded("moe_layer", lambda: measure_moe_layer(args), failed),
+        "sdmoe": _guarded("sdmoe", lambda: measure_sdmoe(args), failed),
+        "compile": (
+            _guarded("compile", lambda: measure_compile(args), failed)
+            if args.compile
+            else {"skipped": "no GPU; pass --compile to run it"}
+        ),
     }
-    log_dir = (args.out.parent if args.out else Path("runs")) / "gpu_check_fit"
-    result["lightning"] = lightning_fit(args, peak, log_dir)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_fit_") as log_dir:
+        result["lightning"] = _guarded("lightning", lambda: lightning_fit(args, peak, Path(log_dir)), failed)
+    result["failed"] = failed
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     print_table(result)
     write_result(result, args.out)
+    if failed:
+        print(f"gpu_check: {len(failed)} part(s) failed: {', '.join(failed)} (tracebacks above)", file=sys.stderr)
+        raise SystemExit(1)
     return result
 
 

@@ -26,8 +26,10 @@ def test_gpu_check_runs_on_cpu_and_reports_consistent_numbers(
 
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(result) == {
-        "benchmark", "environment", "settings", "training", "moe_layer", "sdmoe", "compile", "lightning", "elapsed_s"
+        "benchmark", "environment", "settings", "training", "moe_layer", "sdmoe", "compile", "lightning", "failed",
+        "elapsed_s",
     }  # fmt: skip
+    assert result["failed"] == []
     assert result["environment"]["torch"] == torch.__version__ and result["environment"]["devices"] == []
     for family, preset in (("qwen", "tiny_qwen_moe"), ("deepseek", "tiny_deepseek_moe")):
         row = result["training"][family]
@@ -49,3 +51,38 @@ def test_gpu_check_runs_on_cpu_and_reports_consistent_numbers(
     )
     table = capsys.readouterr().out
     assert "tiny_deepseek_moe (2 layers)" in table and "SD-MoE training step: x" in table
+
+
+def test_a_failing_part_is_reported_the_others_still_run_and_the_exit_status_is_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_check
+
+    def broken_compile(args: object) -> dict:
+        raise RuntimeError("inductor: no C++ compiler")
+
+    done = {"step_ms": 1.0, "tokens_per_sec": 1.0, "tflops": 1.0, "mfu": None, "peak_memory_gib": None}
+    monkeypatch.setattr(
+        gpu_check, "measure_training", lambda family, args, peak: {**done, "preset": family, "layers": 2}
+    )
+    monkeypatch.setattr(
+        gpu_check,
+        "measure_moe_layer",
+        lambda args: {"grouped_gemm_ms": 1.0, "per_expert_loop_ms": 2.0, "loop_over_grouped": 2.0},
+    )
+    monkeypatch.setattr(gpu_check, "measure_sdmoe", lambda args: {"overhead_ratio": 1.01})
+    monkeypatch.setattr(gpu_check, "measure_compile", broken_compile)
+    monkeypatch.setattr(gpu_check, "lightning_fit", lambda args, peak, log_dir: {"perf": {}})
+
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.main(["--compile", "--out", str(tmp_path / "gpu_check.json")])
+
+    assert stopped.value.code == 1
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["failed"] == ["compile"]
+    assert result["compile"] == {"error": "RuntimeError: inductor: no C++ compiler"}
+    assert result["sdmoe"] == {"overhead_ratio": 1.01} and result["lightning"] == {"perf": {}}
+    captured = capsys.readouterr()
+    assert "compile: failed: RuntimeError: inductor: no C++ compiler" in captured.out
+    assert "1 part(s) failed: compile" in captured.err

@@ -114,3 +114,10 @@ def test_peak_bf16_flops_are_looked_up_by_device_name(device_name: str, tflops: 
 def test_bad_settings_are_config_errors(kwargs: dict) -> None:
     with pytest.raises(ConfigError, match="PerformanceMonitor"):
         PerformanceMonitor(**kwargs)
+
+
+def test_a_module_without_a_token_count_is_refused_at_setup(tmp_path: Path) -> None:
+    module = _module()
+    del module.tokens_seen
+    with pytest.raises(ConfigError, match="PerformanceMonitor needs a LightningModule with tokens_seen"):
+        PerformanceMonitor().setup(cpu_trainer(tmp_path, 1), module, "fit")

@@ -30,6 +30,7 @@ import lightning as L
 import torch
 
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.lightning.contract import training_module
 from sdmoe_train.models.flops import training_flops_per_token
 
 GIB = 2**30
@@ -88,6 +89,9 @@ class PerformanceMonitor(L.Callback):
         self._window_tokens = 0
         self._window_start = 0.0
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        training_module(pl_module, type(self).__name__)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._device = trainer.strategy.root_device
         self._peak = self.peak_tflops
@@ -117,15 +121,16 @@ class PerformanceMonitor(L.Callback):
 
     def _start_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._window_step = trainer.global_step
-        self._window_tokens = _tokens_seen(pl_module)
+        self._window_tokens = training_module(pl_module, type(self).__name__).tokens_seen
         self._window_start = self._now()
 
     def _throughput(self, trainer: L.Trainer, pl_module: L.LightningModule, seq_len: int) -> dict[str, float]:
+        module = training_module(pl_module, type(self).__name__)
         elapsed = max(self._now() - self._window_start, 1e-9)
-        tokens_per_device = (_tokens_seen(pl_module) - self._window_tokens) / trainer.world_size
+        tokens_per_device = (module.tokens_seen - self._window_tokens) / trainer.world_size
         tokens_per_sec = tokens_per_device / elapsed
         if seq_len not in self._flops_per_token:
-            self._flops_per_token[seq_len] = training_flops_per_token(pl_module.arch, seq_len).total
+            self._flops_per_token[seq_len] = training_flops_per_token(module.model.config, seq_len).total
         tflops = tokens_per_sec * self._flops_per_token[seq_len] / 1e12
         metrics = {"perf/tokens_per_sec_per_device": tokens_per_sec, "perf/tflops_per_device": tflops}
         if self._peak is not None:
@@ -137,13 +142,6 @@ class PerformanceMonitor(L.Callback):
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
         return time.perf_counter()
-
-
-def _tokens_seen(pl_module: L.LightningModule) -> int:
-    tokens = getattr(pl_module, "tokens_seen", None)
-    if tokens is None:
-        raise ConfigError("PerformanceMonitor needs a module that counts `tokens_seen` (sdmoe_train's PretrainModule)")
-    return int(tokens)
 
 
 def _sequence_length(batch: Any, trainer: L.Trainer) -> int:
