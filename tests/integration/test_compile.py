@@ -63,10 +63,10 @@ def test_compiled_blocks_give_the_eager_logits_and_gradients(preset: str, sdmoe:
         torch.testing.assert_close(compiled_params[name].grad, param.grad, rtol=0, atol=1e-4 * scale, msg=name)
 
 
-@pytest.mark.parametrize(("dtype", "graphs"), [(torch.bfloat16, 1), (torch.float32, 8)])
-def test_a_moe_block_breaks_only_at_fp32_expert_gemms(dtype: torch.dtype, graphs: int) -> None:
-    """bf16 (GPU bf16-mixed): one graph per block. fp32: the three grouped GEMMs run between graphs; each
-    splits the graph of its own frame and of its caller's (8 graphs)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_moe_block_breaks_only_at_fp32_expert_gemms(dtype: torch.dtype) -> None:
+    """bf16 (GPU bf16-mixed): one graph per block. fp32: the grouped expert GEMMs run eagerly between graphs
+    (how many graphs that leaves depends on the frames they sit in: 7 with torch 2.13 on the tiny preset)."""
     import torch._dynamo
 
     from sdmoe_train.models.rope import rotary_tables
@@ -76,8 +76,11 @@ def test_a_moe_block_breaks_only_at_fp32_expert_gemms(dtype: torch.dtype, graphs
     x_BSD = torch.randn(2, 32, model.config.hidden_dim, dtype=dtype)
     cos, sin = rotary_tables(32, block.attn.rotary_dim, model.config.attention.rope_theta, x_BSD.device)
     explanation = torch._dynamo.explain(block)(x_BSD, cos, sin)
-    assert explanation.graph_count == graphs
-    assert all("_grouped_mm" in reason.reason for reason in explanation.break_reasons)
+    if dtype == torch.bfloat16:
+        assert explanation.graph_count == 1 and not explanation.break_reasons
+    else:
+        assert explanation.graph_count > 1
+        assert explanation.break_reasons and all("_grouped_mm" in reason.reason for reason in explanation.break_reasons)
 
 
 def test_compiled_ddp_run_resumes_after_sigkill_to_the_uninterrupted_losses(tmp_path: Path) -> None:
