@@ -152,7 +152,7 @@ class DecoupledExpertBank(ExpertBank):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Spectral initialisation (spec §3) of every decomposed type and a zero step count.
+        """Spectral initialisation (docs/design/sdmoe.md §3) of every decomposed type and a zero step count.
 
         W0 is drawn from a generator seeded by (seed, layer, type) and split on the CPU whatever the bank's
         device, for all of the layer's experts, so a bank built on a GPU or holding an expert-parallel

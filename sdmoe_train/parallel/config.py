@@ -17,7 +17,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass instead of keeping its activations."""
     compile: bool = False
-    """Compile each decoder block with torch.compile (docs/performance.md; pays on GPUs, not on CPU)."""
+    """Compile each decoder block with torch.compile (docs/performance.md; not yet measured on a GPU)."""
 
     def __post_init__(self) -> None:
         if self.ep_size < 1:
