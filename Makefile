@@ -16,7 +16,7 @@ DEMO_RUN_DIR ?= runs/tiny_qwen_cpu
 MIXTURE_RECIPE ?= recipes/tiny_qwen_cpu_mixture.yaml
 MIXTURE_RUN_DIR ?= runs/tiny_qwen_cpu_mixture
 
-.PHONY: install test test-slow test-slurm lint bench demo demo-corpus kjv-corpus demo-mixture clean
+.PHONY: install test test-slow test-slurm lint bench gpu-check demo demo-corpus kjv-corpus demo-mixture clean
 
 install: $(INSTALLED)
 
@@ -39,10 +39,12 @@ test-slow: install
 	$(PY) -m pip install --disable-pip-version-check -e ".[dev,hf,deepspeed]"
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# Installs and starts a single-node Slurm on this machine (root or sudo, Debian/Ubuntu), then submits a
-# short training job, signals it and checks that it requeues, resumes and finishes.
+# Installs and starts a Slurm with two emulated nodes on this machine (root or sudo, Debian/Ubuntu), then
+# submits short single- and two-node training jobs, signals them and checks that they requeue, resume and finish.
 test-slurm: install
-	slurm/install_local_slurm.sh install
+	$(PY) -m pip install --disable-pip-version-check -e ".[dev,deepspeed]"
+	slurm/install_local_slurm.sh stop
+	slurm/install_local_slurm.sh install 2
 	slurm/install_local_slurm.sh start
 	$(PY) -m pytest -m slow tests/integration/test_slurm.py $(PYTEST_ARGS)
 
@@ -80,6 +82,12 @@ bench: install demo-corpus
 	$(PY) benchmarks/data_prepare.py --out benchmarks/results/data_prepare.json
 	$(BENCH_MALLOC) $(PY) benchmarks/sdmoe_overhead.py --out benchmarks/results/sdmoe_overhead.json
 	$(BENCH_MALLOC) $(PY) benchmarks/callback_overhead.py --out benchmarks/results/callback_overhead.json
+
+# One-shot check of a fresh GPU node (README, Performance): versions, bf16 training throughput, TFLOPS, MFU and
+# peak memory of 2B-preset slices, grouped GEMM vs per-expert loop, SD-MoE overhead, compile (meant for < 10 min).
+# Install a CUDA torch first (TORCH_SPEC, see README). Without a GPU it runs the tiny presets on the CPU.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -11,10 +11,16 @@ optimizer step (Lightning 2.6, any ``accumulate_grad_batches``):
    summed over micro-batches *and* ranks, so every rank applies the same bias change, then the SD-MoE
    step end (strict update projection, step count, basis refresh every ``refresh_every`` steps).
 
+The transformer is built on the meta device in ``__init__`` (shapes only, so paper-scale presets construct
+anywhere) and materialised in ``configure_model``: experts sharded first, then weights allocated on the
+rank's device with exactly the values eager construction gives them (:mod:`sdmoe_train.models.meta_init`),
+then ``init_from`` weights loaded and decoder blocks compiled (``parallel.compile``).
+
 SD-MoE (arXiv 2602.12556) is applied in ``__init__``, before any optimizer exists; with
 ``sdmoe.enabled: false`` (or no ``sdmoe``) the model is the vanilla one and none of its hooks do work.
-SSMoE spectral routing (arXiv 2605.30992) is applied after it and after ``init_from`` weights are loaded;
-its U is recomputed every ``ssmoe.refresh_every`` optimizer steps, right after the step (step 3).
+SSMoE spectral routing (arXiv 2605.30992) is applied after it; its U is computed once the weights (and any
+``init_from`` weights) are in place, and recomputed every ``ssmoe.refresh_every`` optimizer steps, right
+after the step (step 3).
 
 Packed documents: when the data module sets ``cross_document_attention: false`` or
 ``restart_positions: true``, every forward derives the document of each token from the EOS positions
@@ -28,6 +34,7 @@ per source, and ``val/loss`` as their mean weighted by the mixture's shares.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +48,10 @@ from sdmoe_train.checkpointing.model_state import model_state
 from sdmoe_train.checkpointing.run_identity import IDENTITY_KEY, check_resume_compatibility, run_identity
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
+from sdmoe_train.models.compilation import compile_blocks
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
 from sdmoe_train.models.document_attention import document_ids, positions_in_documents
+from sdmoe_train.models.meta_init import capture_rng_state, materialise, on_meta_device
 from sdmoe_train.models.transformer import MoEAux, Transformer, TransformerOutput, language_model_loss
 from sdmoe_train.moe.diagnostics import load_health
 from sdmoe_train.moe.sdmoe import (
@@ -64,7 +73,12 @@ from sdmoe_train.moe.ssmoe_router import (
 )
 from sdmoe_train.parallel.config import ParallelConfig
 from sdmoe_train.parallel.groups import ExpertParallelGroups
-from sdmoe_train.parallel.lightning import enable_expert_parallel, expert_param_groups, uses_deepspeed
+from sdmoe_train.parallel.lightning import (
+    enable_expert_parallel,
+    expert_param_groups,
+    local_expert_state,
+    uses_deepspeed,
+)
 
 # Checkpoints store the typed configs as hyper-parameters; allow them through torch.load(weights_only=True).
 # MoEConfig moved from models/config.py to moe/config.py; checkpoints written before still name the old path.
@@ -78,7 +92,8 @@ def _read_model_weights(path: str) -> dict[str, Tensor]:
     if not Path(path).is_file():
         raise ConfigError(f"model.init_from={path!r} is not a file; pass a .ckpt from `sdmoe-train import` or a run")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped: the tensors are read from the file only when they are loaded into the model.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         raise ConfigError(f"model.init_from={path!r} is not a readable checkpoint ({error})") from error
     weights = model_state(checkpoint) if isinstance(checkpoint, dict) else {}
@@ -89,7 +104,10 @@ def _read_model_weights(path: str) -> dict[str, Tensor]:
 
 def _load_model_weights(model: Transformer, weights: dict[str, Tensor], path: str) -> None:
     try:
-        model.load_state_dict(weights, strict=True)
+        with warnings.catch_warnings():
+            # Into a meta-device model this only checks names and shapes, which is what it is used for there.
+            warnings.filterwarnings("ignore", message="for .*: copying from a non-meta parameter", category=UserWarning)
+            model.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise ConfigError(
             f"model.init_from={path!r} does not fit model.arch (missing, unexpected or differently shaped "
@@ -136,6 +154,7 @@ class PretrainModule(L.LightningModule):
         self.expert_groups: ExpertParallelGroups | None = None
         """The expert-parallel layout, set in :meth:`configure_model` when ``parallel.ep_size > 1``."""
         self._gradients_projected_in_backward = False
+        self._blocks_compiled = False
         self.ssmoe = ssmoe or SSMoEConfig()
         if self.ssmoe.enabled and self.parallel.ep_size > 1:
             raise ConfigError(
@@ -143,21 +162,25 @@ class PretrainModule(L.LightningModule):
                 "the spectral router needs every expert's weights on each rank; train with ep_size=1, or train "
                 "without SSMoE and evaluate the consolidated checkpoint with `sdmoe-train ssmoe-eval`"
             )
-        self.model = Transformer(arch)
-        initial_weights = None if init_from is None else _read_model_weights(init_from)
-        checkpoint_decoupled = initial_weights is not None and is_decoupled_state(initial_weights)
-        if initial_weights is not None and checkpoint_decoupled != self.sdmoe.enabled:
+        self._init_rng_state = capture_rng_state()
+        # Shapes only: the weights get storage where they will live in `configure_model` (docs/performance.md).
+        with torch.device("meta"):
+            self.model = Transformer(arch)
+            apply_spectral_decoupling(self.model, self.sdmoe)
+            apply_spectral_routing(self.model, self.ssmoe)
+        self._init_from = init_from
+        self._initial_weights = None if init_from is None else _read_model_weights(init_from)
+        checkpoint_decoupled = self._initial_weights is not None and is_decoupled_state(self._initial_weights)
+        if self._initial_weights is not None and checkpoint_decoupled != self.sdmoe.enabled:
             raise ConfigError(
                 f"model.init_from={init_from!r} holds {'SD-MoE' if checkpoint_decoupled else 'plain'} expert "
                 f"weights but model.sdmoe.enabled={self.sdmoe.enabled}; SD-MoE initialises its common and unique "
                 "parts itself (docs/design/sdmoe.md §3), so start SD-MoE from an SD-MoE checkpoint and a plain MoE "
                 "from a plain one"
             )
-        apply_spectral_decoupling(self.model, self.sdmoe)
-        if initial_weights is not None:
-            # U is derived from weights; it is rebuilt from the loaded ones when SSMoE is enabled below.
-            _load_model_weights(self.model, without_spectral_rows(initial_weights), init_from)
-        apply_spectral_routing(self.model, self.ssmoe)
+        if self._initial_weights is not None:
+            # Checks names and shapes now, against the meta model; the values are loaded in `configure_model`.
+            _load_model_weights(self.model, without_spectral_rows(self._initial_weights), init_from)
         self.val_loss = MeanMetric()
         self.val_perplexity = Perplexity()
         self.tokens_seen = 0
@@ -179,14 +202,24 @@ class PretrainModule(L.LightningModule):
         """Validation loss per mixture source (created in setup)."""
 
     def configure_model(self) -> None:
-        # Lightning calls this once the processes are up, before the strategy wraps the model and before a
-        # checkpoint is restored into it, so the shards below are what the optimizer and checkpoints see.
+        """Shard the experts, give the weights storage, compile: once, before any use of the model.
+
+        Lightning calls this once the processes are up, with the rank's device as the default device, before
+        the strategy wraps the model and before a checkpoint is restored into it, so the shards below are what
+        the optimizer and checkpoints see; ``load_from_checkpoint`` calls it outside any run (one process,
+        all experts, CPU). Code that uses a module without either calls it itself.
+        """
         if self.parallel.activation_checkpointing:
             self.model.activation_checkpointing = True
-        if self._trainer is None:  # `load_from_checkpoint` calls this outside any run: one process, all experts
-            return
-        if self.parallel.ep_size > 1 and self.expert_groups is None:
+        if self._trainer is not None and self.parallel.ep_size > 1 and self.expert_groups is None:
             self.expert_groups = enable_expert_parallel(self.model, self.parallel, self.trainer)
+        if on_meta_device(self.model):
+            self._materialise()
+        if self.parallel.compile and not self._blocks_compiled:
+            compile_blocks(self.model)
+            self._blocks_compiled = True
+        if self._trainer is None:
+            return
         if self.sdmoe.enabled and uses_deepspeed(self.trainer) and not self._gradients_projected_in_backward:
             if self.sdmoe.strict:
                 raise ConfigError(
@@ -196,6 +229,24 @@ class PretrainModule(L.LightningModule):
                 )
             register_gradient_projection_hooks(self.model)
             self._gradients_projected_in_backward = True
+
+    def cpu(self) -> PretrainModule:
+        # Lightning's teardown moves the module to the CPU, also after an error that stopped the run before
+        # `configure_model` (bad data, a vocabulary check): a meta-device model then has nothing to move, and
+        # moving it would fail and hide that error.
+        if on_meta_device(self.model):
+            return self
+        return super().cpu()
+
+    def _materialise(self) -> None:
+        # Inside Lightning's init context the default device is the strategy's root device (the rank's GPU).
+        materialise(self.model, torch.get_default_device(), self._init_rng_state)
+        if self._initial_weights is not None:
+            # U is derived from weights; SSMoE rebuilds it from the loaded ones right below.
+            weights = local_expert_state(without_spectral_rows(self._initial_weights), self.model, self.expert_groups)
+            _load_model_weights(self.model, weights, self._init_from)
+            self._initial_weights = None
+        refresh_spectral_routers(self.model)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

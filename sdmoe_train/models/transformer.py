@@ -174,19 +174,29 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialise every parameter by the scheme in the module docstring."""
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, param in self.named_parameters():
-            if name.endswith(".bias"):
-                nn.init.zeros_(param)
-            elif param.dim() == 1:
-                nn.init.ones_(param)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
-                nn.init.normal_(param, std=residual_std)
-            else:
-                nn.init.normal_(param, std=std)
+            init_parameter_(param, name, self.config)
         for _, layer in self.moe_layers():
             layer.router.selection_bias.zero_()
+
+
+@torch.no_grad()
+def init_parameter_(
+    param: Tensor, name: str, config: TransformerConfig, generator: torch.Generator | None = None
+) -> None:
+    """Fill ``param`` (named as in ``Transformer.named_parameters``) by the scheme in the module docstring.
+
+    Biases and 1-D weights (norms) draw no random numbers; every other parameter draws one normal sample
+    per element from ``generator`` (torch's global generator when None).
+    """
+    if name.endswith(".bias"):
+        param.zero_()
+    elif param.dim() == 1:
+        param.fill_(1.0)
+    elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+        param.normal_(0.0, config.init_std / math.sqrt(2 * config.n_layers), generator=generator)
+    else:
+        param.normal_(0.0, config.init_std, generator=generator)
 
 
 def language_model_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
