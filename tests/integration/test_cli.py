@@ -14,6 +14,7 @@ from jsonargparse import ArgumentParser
 from sdmoe_train.cli import SUBCOMMANDS, main
 from sdmoe_train.models import presets
 from sdmoe_train.models.config import TransformerConfig
+from sdmoe_train.report.dashboard import read_run
 from tests.corpora import make_documents, write_documents
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -96,19 +97,12 @@ def _write_recipe(tmp_path: Path, max_steps: int) -> Path:
             "log_every_n_steps": 1,
             "enable_progress_bar": False,
             "enable_model_summary": False,
+            # The run directory: logs, checkpoints, the lock and the W&B id are derived from it.
             "default_root_dir": str(run_dir),
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(run_dir), "name": "logs", "version": ""},
-            },
             "callbacks": [
                 {
                     "class_path": "sdmoe_train.lightning.callbacks.PeriodicCheckpoint",
-                    "init_args": {
-                        "dirpath": str(run_dir / "checkpoints"),
-                        "every_n_train_steps": 3,
-                        "save_last": True,
-                    },
+                    "init_args": {"every_n_train_steps": 3, "save_last": True},
                 }
             ],
         },
@@ -119,8 +113,8 @@ def _write_recipe(tmp_path: Path, max_steps: int) -> Path:
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
-    with open(run_dir / "logs" / "metrics.csv") as handle:
-        return [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/lm_loss")]
+    """Steps with a training loss, over every attempt of the run, as `sdmoe-train report` joins them."""
+    return [int(step) for step, _ in read_run(run_dir).scalars["train/lm_loss"]]
 
 
 def test_prepare_fit_and_resume_from_last_continue_the_step_count(
