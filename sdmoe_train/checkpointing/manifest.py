@@ -15,8 +15,8 @@ import logging
 import os
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from sdmoe_train.errors import ConfigError

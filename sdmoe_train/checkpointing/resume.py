@@ -78,17 +78,19 @@ def newest_checkpoint(trainer: Any) -> Path:
     Raises:
         ConfigError: There is none, or it is damaged (an explicit choice never falls back to an older one).
     """
-    candidates = []
+    candidates = []  # (step, when saved, path): of two checkpoints of one step, the later save is `last`
     for dirpath in checkpoint_directories(trainer):
-        candidates += [(entry["step"], dirpath / entry["name"]) for entry in read_manifest(dirpath)]
-        candidates += [(step, path) for path, step in check_resumable(dirpath)]
+        candidates += [
+            (entry["step"], entry.get("saved_at", 0.0), dirpath / entry["name"]) for entry in read_manifest(dirpath)
+        ]
+        candidates += [(step, path.stat().st_mtime, path) for path, step in check_resumable(dirpath)]
     if not candidates:
         searched = ", ".join(str(path) for path in checkpoint_directories(trainer)) or "(no PeriodicCheckpoint dirpath)"
         raise ConfigError(
             f"ckpt_path='last': no checkpoint found in {searched}; leave ckpt_path unset to start afresh, or pass "
             "the path of a checkpoint file"
         )
-    _, newest = max(candidates, key=lambda candidate: candidate[0])
+    *_, newest = max(candidates, key=lambda candidate: candidate[:2])
     return verify_checkpoint(newest)
 
 

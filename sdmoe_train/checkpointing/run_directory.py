@@ -65,9 +65,9 @@ def derive_run_paths(trainer_config: Any) -> Path:
             _refuse_overwriting_metrics(init_args)
     for callback in trainer_config.callbacks or []:
         class_path = getattr(callback, "class_path", None)
-        if isinstance(class_path, str) and class_path.endswith("PeriodicCheckpoint"):
-            if callback.init_args.get("dirpath") is None:
-                callback.init_args["dirpath"] = str(run_dir / CHECKPOINTS_SUBDIR)
+        unset = isinstance(class_path, str) and callback.init_args.get("dirpath") is None
+        if unset and class_path.endswith("PeriodicCheckpoint"):
+            callback.init_args["dirpath"] = str(run_dir / CHECKPOINTS_SUBDIR)
     return run_dir
 
 

@@ -154,8 +154,9 @@ def _describe(owner: dict[str, Any]) -> str:
 
 
 def _held_message(path: Path, owner: dict[str, Any]) -> str:
+    writer = _describe(owner) if owner else "unknown"
     return (
-        f"the run directory {str(path.parent)!r} is in use by another run ({_describe(owner) if owner else 'unknown'}): "
+        f"the run directory {str(path.parent)!r} is in use by another run ({writer}): "
         f"two runs in one directory would write the same checkpoints. Wait for it to finish, point this run "
         f"elsewhere with --trainer.default_root_dir, or, if that run is gone, delete {path}"
     )

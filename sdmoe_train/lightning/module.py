@@ -31,8 +31,8 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from sdmoe_train.checkpointing.model_state import model_state
 from sdmoe_train.checkpointing.manifest import checkpoint_problem
+from sdmoe_train.checkpointing.model_state import model_state
 from sdmoe_train.checkpointing.run_identity import IDENTITY_KEY, check_resume_compatibility, run_identity
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
