@@ -111,8 +111,11 @@ class PretrainCLI(LightningCLI):
 
     def _claim_run_directory(self) -> None:
         """Rank 0: locks the run directory (and checkpoint folders outside it), then recovers the checkpoint folders."""
-        folders = [self._run_dir]
-        folders += [path for path in checkpoint_directories(self.trainer) if self._run_dir not in path.parents]
+        run_dir = self._run_dir.resolve()
+        folders = [run_dir]
+        for path in checkpoint_directories(self.trainer):
+            if path.resolve() != run_dir and run_dir not in path.resolve().parents:
+                folders.append(path.resolve())
         for folder in folders:
             self._run_locks.append(acquire_run_lock(folder))
         for callback in self.trainer.checkpoint_callbacks:

@@ -73,7 +73,7 @@ def _read_model_weights(path: str) -> dict[str, Tensor]:
         raise ConfigError(f"model.init_from={path!r} is not a file; pass a .ckpt from `sdmoe-train import` or a run")
     problem = checkpoint_problem(path)
     if problem is not None:
-        raise ConfigError(f"model.init_from={path!r} cannot be used: {problem}")
+        raise ConfigError(f"model.init_from={path!r} is not a readable checkpoint: {problem}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
