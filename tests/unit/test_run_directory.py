@@ -69,6 +69,9 @@ def test_an_unwritable_checkpoint_folder_is_named_at_start_up(tmp_path: Path) ->
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=rf"cannot write to '{tmp_path / 'file' / 'checkpoints'}' \(the dirpath\)"):
         check_writable(tmp_path / "file" / "checkpoints", "the dirpath")
+    if Path("/sys/kernel").is_dir():  # exists, but no one (not even root) may create files in it
+        with pytest.raises(ConfigError, match=r"cannot write to '/sys/kernel' \(the dirpath\)"):
+            check_writable("/sys/kernel", "the dirpath")
     check_writable(tmp_path / "new" / "checkpoints", "the dirpath")
     assert list((tmp_path / "new" / "checkpoints").iterdir()) == []
 
