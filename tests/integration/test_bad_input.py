@@ -162,7 +162,12 @@ BAD_INPUTS = [
         expected=["not a readable tokenizer.json"],
         setup=lambda prepared, tmp: [f"--data.corpus.tokenizer={_garbage_file(tmp, 'tokenizer.json')}"],
     ),
-    BadInput("model_vocab_below_tokenizer", ["--model.arch.vocab_size=200"], ["vocab_size=200", "set model.arch"]),
+    BadInput(
+        # A fresh run: resuming, the checkpoint comparison reports the changed vocabulary first.
+        "model_vocab_below_tokenizer",
+        ["--model.arch.vocab_size=200", "--auto_resume=false"],
+        ["vocab_size=200", "set model.arch"],
+    ),
     BadInput("warmup_past_max_steps", ["--model.optim.warmup_steps=50"], ["warmup_steps=50", "max_steps"]),
     BadInput("negative_lr", ["--model.optim.lr=-1"], ["optim.lr=-1", "positive"]),
     BadInput("missing_init_from", ["--model.init_from=/nonexistent.ckpt"], ["init_from", "is not a file"]),
