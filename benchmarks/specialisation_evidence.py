@@ -76,10 +76,9 @@ def arm_recipe(arm: str, args: argparse.Namespace) -> Path:
     trainer = recipe["trainer"]
     trainer.update(max_steps=args.steps, val_check_interval=args.val_every, default_root_dir=str(run_dir))
     trainer.update(enable_progress_bar=False, limit_val_batches=args.val_batches)
-    trainer["logger"]["init_args"]["save_dir"] = str(run_dir)
     for callback in trainer["callbacks"]:
         if callback["class_path"].endswith("PeriodicCheckpoint"):
-            callback["init_args"].update(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=args.steps)
+            callback["init_args"].update(every_n_train_steps=args.steps)
         else:
             callback["init_args"]["every_n_steps"] = args.every
             if "window" in callback["init_args"]:

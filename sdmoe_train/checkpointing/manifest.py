@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -150,12 +151,13 @@ def verify_checkpoint(path: str | Path) -> Path:
     return Path(path)
 
 
-def newest_valid_checkpoint(dirpath: str | Path) -> Path | None:
+def newest_valid_checkpoint(dirpath: str | Path, unlisted: Iterable[tuple[Path, int]] = ()) -> Path | None:
     """The checkpoint auto-resume continues from: the newest manifest entry that verifies.
 
     Each newer entry that fails verification is skipped with a warning naming the file and the
     problem. Files that never reached the manifest (a save interrupted between rename and record)
-    are ignored.
+    count only when passed in ``unlisted`` as already verified ``(path, step)`` pairs
+    (:func:`~sdmoe_train.checkpointing.recovery.adoptable_checkpoints`).
 
     Returns:
         Its path, or None when the directory holds no manifest entry (a fresh run).
@@ -164,16 +166,17 @@ def newest_valid_checkpoint(dirpath: str | Path) -> Path | None:
         ConfigError: If entries exist but none verifies.
     """
     dirpath = Path(dirpath)
-    entries = read_manifest(dirpath)
+    candidates = [(dirpath / entry["name"], entry["step"], entry) for entry in read_manifest(dirpath)]
+    candidates += [(Path(path), step, None) for path, step in unlisted]
+    candidates.sort(key=lambda candidate: candidate[1])
     problems = []
-    for entry in reversed(entries):
-        candidate = dirpath / entry["name"]
-        problem = checkpoint_problem(candidate, entry)
+    for candidate, step, entry in reversed(candidates):
+        problem = None if entry is None else checkpoint_problem(candidate, entry)
         if problem is None:
             if problems:
-                log.warning("resuming from the older checkpoint %s (step %d)", candidate, entry["step"])
+                log.warning("resuming from the older checkpoint %s (step %d)", candidate, step)
             return candidate
-        log.warning("skipping checkpoint %s (step %d): %s", candidate, entry["step"], problem)
+        log.warning("skipping checkpoint %s (step %d): %s", candidate, step, problem)
         problems.append(problem)
     if problems:
         raise ConfigError(

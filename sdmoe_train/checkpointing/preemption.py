@@ -84,17 +84,20 @@ class PreemptionHandler(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The trainer registered its SIGTERM handler just before training; put the flags back on top.
         self._install()
+        # A signal that came while the data was prepared or during the first validation stops the run
+        # before its first step: nothing was trained since the last checkpoint, so nothing is saved.
+        self._checked_step = trainer.global_step
+        request = self._agreed_request(trainer)
+        if request != _NONE:
+            self.stopped_for = "requeue" if request == _REQUEUE else "stop"
+            log.warning("preemption signal before the first step: %s without training", self.stopped_for)
+            trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         if trainer.global_step == self._checked_step:
-            return  # inside gradient accumulation: not a step boundary
+            return  # inside gradient accumulation, or no step since the last check: not a step boundary
         self._checked_step = trainer.global_step
-        request = _REQUEUE if signals.received(self.requeue_signal) else _NONE
-        if request == _NONE and any(signals.received(signum) for signum in self.stop_signals):
-            request = _STOP
-        if trainer.world_size > 1:
-            flag = torch.tensor([request], device=trainer.strategy.root_device)
-            request = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        request = self._agreed_request(trainer)
         if request == _NONE:
             return
         self.stopped_for = "requeue" if request == _REQUEUE else "stop"
@@ -106,7 +109,21 @@ class PreemptionHandler(L.Callback):
             callback.save_now(trainer)
         trainer.should_stop = True
 
+    def _agreed_request(self, trainer: L.Trainer) -> int:
+        """What the signals received so far ask for, agreed by all ranks (the most drastic request wins)."""
+        request = _REQUEUE if signals.received(self.requeue_signal) else _NONE
+        if request == _NONE and any(signals.received(signum) for signum in self.stop_signals):
+            request = _STOP
+        if trainer.world_size > 1:
+            flag = torch.tensor([request], device=trainer.strategy.root_device)
+            request = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        return request
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            # `fit` validates once before training (a separate `trainer.validate`): a signal received by
+            # then must survive until the training loop acts on it.
+            return
         signals.restore_signal_handlers(self._replaced_handlers)
         self._replaced_handlers = {}
         if self.stopped_for != "requeue" or not trainer.is_global_zero or self.requeue == "never":

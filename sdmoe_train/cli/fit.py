@@ -17,7 +17,17 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
 from sdmoe_train.checkpointing import signals
-from sdmoe_train.checkpointing.resume import resolve_resume_checkpoint, verify_explicit_checkpoint
+from sdmoe_train.checkpointing.periodic import PeriodicCheckpoint
+from sdmoe_train.checkpointing.recovery import recover_checkpoint_directory
+from sdmoe_train.checkpointing.resume import (
+    LAST,
+    check_checkpoint_matches,
+    checkpoint_directories,
+    resolve_resume_checkpoint,
+    verify_explicit_checkpoint,
+)
+from sdmoe_train.checkpointing.run_directory import check_writable, derive_run_paths
+from sdmoe_train.checkpointing.run_lock import RunLock, acquire_run_lock
 from sdmoe_train.checkpointing.wandb_run_id import persist_wandb_run_id
 from sdmoe_train.data import PretrainDataModule
 from sdmoe_train.errors import ConfigError
@@ -72,20 +82,59 @@ class PretrainCLI(LightningCLI):
         if config.trainer.precision is None:
             config.trainer.precision = default_precision(config.trainer.accelerator)
         check_sequence_length(config.data.corpus.seq_len, config.model.arch.max_seq_len)
+        self._run_dir = derive_run_paths(config.trainer)
         if self.subcommand == "fit":
             persist_wandb_run_id(config.trainer)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        self._run_locks: list[RunLock] = []
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            for lock in self._run_locks:
+                lock.release()
 
     def before_fit(self) -> None:
         config = self.config.fit
         self._initial_val_loss: float | None = None
         add_default_callbacks(self.trainer)
+        if self.trainer.is_global_zero:
+            self._claim_run_directory()
         ckpt_path = resolve_resume_checkpoint(self.trainer, config.ckpt_path, config.auto_resume)
+        # Before any logger writes: a rejected resume leaves the run directory as it was.
+        check_checkpoint_matches(ckpt_path, self.model, self.datamodule)
         self.config_init.fit.ckpt_path = ckpt_path
         if ckpt_path is not None and self.trainer.is_global_zero:
             print(f"resuming from {ckpt_path}")
         if config.validate_before_fit and ckpt_path is None:
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             self._initial_val_loss = _metric(self.trainer, "val/loss")
+
+    def _claim_run_directory(self) -> None:
+        """Rank 0: locks the run directory (and checkpoint folders outside it), then recovers the checkpoint folders."""
+        run_dir = self._run_dir.resolve()
+        folders = [run_dir]
+        for path in checkpoint_directories(self.trainer):
+            if path.resolve() != run_dir and run_dir not in path.resolve().parents:
+                folders.append(path.resolve())
+        for folder in folders:
+            self._run_locks.append(acquire_run_lock(folder))
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, PeriodicCheckpoint) and callback.dirpath is not None:
+                check_writable(callback.dirpath, "the PeriodicCheckpoint dirpath")
+                recover_checkpoint_directory(callback.dirpath, callback.keep_last_k, callback.hash_files)
+
+    def before_validate(self) -> None:
+        self._resolve_last("validate")
+
+    def before_test(self) -> None:
+        self._resolve_last("test")
+
+    def _resolve_last(self, subcommand: str) -> None:
+        # validate/test --ckpt_path last: the newest verified checkpoint, as for fit (never Lightning's guess).
+        if self.config[subcommand].ckpt_path == LAST:
+            ckpt_path = resolve_resume_checkpoint(self.trainer, LAST, auto_resume=False)
+            self.config_init[subcommand].ckpt_path = ckpt_path
 
     def after_fit(self) -> None:
         if not self.trainer.is_global_zero:
@@ -138,11 +187,13 @@ def _metric(trainer: Any, name: str) -> float | None:
 def run(argv: list[str] | None, epilog: str) -> None:
     """Run LightningCLI on ``argv`` (None: it reads ``sys.argv`` itself), with ``epilog`` under ``--help``.
 
-    For ``fit`` a pre-timeout signal is held as a flag from the start: one that arrives while the model and
-    data are built is acted on at the first step (PreemptionHandler) instead of killing the process.
+    For ``fit`` the default preemption signals (USR1, TERM) are held as flags from the start: one that arrives
+    while the model is built, the data is tokenised or the first validation runs stops the run at the start
+    of training (PreemptionHandler) instead of being lost or killing the process mid-write.
     """
     arguments = sys.argv[1:] if argv is None else argv
-    replaced = signals.install_signal_flags([signal.SIGUSR1]) if arguments[:1] == ["fit"] else {}
+    held = [signal.SIGUSR1, signal.SIGTERM]
+    replaced = signals.install_signal_flags(held) if arguments[:1] == ["fit"] else {}
     try:
         PretrainCLI(
             PretrainModule,

@@ -16,12 +16,12 @@ import dataclasses
 import json
 import math
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
+from sdmoe_train.checkpointing.manifest import checkpoint_problem
 from sdmoe_train.cli.recipe import recipe_data_parser
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.io import write_text_atomically
@@ -129,8 +129,10 @@ def run(argv: list[str]) -> list[dict[str, float]]:
     """``sdmoe-train ssmoe-eval``: print (and optionally write) one row of results per blend weight."""
     parser = _parser()
     config = parser.parse_args(argv)
-    if not Path(config.ckpt_path).is_file():
-        raise ConfigError(f"--ckpt_path={config.ckpt_path!r} is not a file")
+    # The same verification as resuming (manifest hashes, or at least a complete archive) before torch.load.
+    problem = checkpoint_problem(config.ckpt_path)
+    if problem is not None:
+        raise ConfigError(f"--ckpt_path={config.ckpt_path!r} cannot be evaluated: {problem}")
     blends = [float(blend) for blend in config.blends]
     for blend in blends:
         SSMoEConfig(c=blend)  # validates the range with the usual message

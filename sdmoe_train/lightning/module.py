@@ -44,6 +44,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from sdmoe_train.checkpointing.manifest import checkpoint_problem
 from sdmoe_train.checkpointing.model_state import model_state
 from sdmoe_train.checkpointing.run_identity import IDENTITY_KEY, check_resume_compatibility, run_identity
 from sdmoe_train.errors import ConfigError
@@ -91,6 +92,9 @@ torch.serialization.add_safe_globals(
 def _read_model_weights(path: str) -> dict[str, Tensor]:
     if not Path(path).is_file():
         raise ConfigError(f"model.init_from={path!r} is not a file; pass a .ckpt from `sdmoe-train import` or a run")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(f"model.init_from={path!r} is not a readable checkpoint: {problem}")
     try:
         # Memory-mapped: the tensors are read from the file only when they are loaded into the model.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -1,7 +1,7 @@
 """Self-contained HTML dashboards of one run, or of several runs side by side, from their logged metrics.
 
 Sources inside a run directory (found recursively, so ``trainer.default_root_dir`` of a recipe works):
-``metrics.csv`` of Lightning's ``CSVLogger`` (scalars; the newest file when there are several) and
+``metrics.csv`` of Lightning's ``CSVLogger`` (scalars; one file per attempt of a resumed run, joined) and
 ``monitor/figures.jsonl`` written by the monitoring callbacks (matrices; the latest step of each is drawn).
 The page holds inline SVG only: no script, no external file, viewable offline.
 """
@@ -89,31 +89,47 @@ class RunLog:
 
 
 def read_run(run_dir: Path, label: str | None = None) -> RunLog:
-    """Load a run's scalars and latest figures.
+    """Load a run's scalars and latest figures, joined over all its attempts.
+
+    Every start, resume and requeue of a run logs to its own folder (``logs/version_N``). The attempts are
+    read oldest first; where a later attempt logs a metric from step ``s`` on, it replaces the earlier
+    attempts' points of that metric at ``s`` and after (a resume repeats the steps after its checkpoint).
 
     Raises:
         ConfigError: the directory does not exist or holds no ``metrics.csv``.
     """
     if not run_dir.is_dir():
         raise ConfigError(f"report: run directory {str(run_dir)!r} does not exist")
-    candidates = sorted(run_dir.rglob("metrics.csv"), key=lambda path: path.stat().st_mtime)
-    if not candidates:
+    attempts = sorted(run_dir.rglob("metrics.csv"), key=lambda path: path.stat().st_mtime)
+    if not attempts:
         raise ConfigError(
             f"report: no metrics.csv under {str(run_dir)!r}; train with the CSVLogger "
             "(trainer.logger: lightning.pytorch.loggers.CSVLogger, as the recipes in recipes/ do)"
         )
-    metrics_file = candidates[-1]
     run = RunLog(label or run_dir.name)
+    for metrics_file in attempts:
+        for name, points in _read_metrics(metrics_file).items():
+            first_step = points[0][0]
+            kept = [point for point in run.scalars.get(name, []) if point[0] < first_step]
+            run.scalars[name] = kept + points
+        for name, record in latest_figures(metrics_file.parent / FIGURES_FILE).items():
+            if record["step"] >= run.figures.get(name, {"step": -1})["step"]:
+                run.figures[name] = record
+    return run
+
+
+def _read_metrics(metrics_file: Path) -> dict[str, list[tuple[float, float]]]:
+    """Metric -> (step, value) points of one ``metrics.csv``, in step order."""
+    scalars: dict[str, list[tuple[float, float]]] = {}
     with metrics_file.open() as stream:
         for row in csv.DictReader(stream):
             step = float(row["step"])
             for name, value in row.items():
                 if name != "step" and value not in ("", None):
-                    run.scalars.setdefault(name, []).append((step, float(value)))
-    for points in run.scalars.values():
+                    scalars.setdefault(name, []).append((step, float(value)))
+    for points in scalars.values():
         points.sort()
-    run.figures = latest_figures(metrics_file.parent / FIGURES_FILE)
-    return run
+    return scalars
 
 
 def _chart(runs: list[RunLog], title: str, metrics: tuple[str, ...]) -> str | None:

@@ -163,6 +163,58 @@ def _prepared_with_other_tokenizer(prepared: Prepared, tmp_path: Path) -> list[s
 
 NO_TEXT_ROWS = b'{"body": "a"}\n{"text": null}\n{}\n'
 
+def _damaged_last(prepared: Prepared, tmp_path: Path, truncate: bool) -> list[str]:
+    recipe = prepared.copy_to(tmp_path)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2] if truncate else data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    return ["--config", str(recipe), "--ckpt_path=last"]
+
+
+def _no_checkpoints(prepared: Prepared, tmp_path: Path) -> list[str]:
+    recipe = prepared.copy_to(tmp_path)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    return ["--config", str(recipe), "--ckpt_path=last"]
+
+
+def _lost_manifest_unverifiable(prepared: Prepared, tmp_path: Path) -> list[str]:
+    recipe = prepared.copy_to(tmp_path)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "manifest.json").unlink()
+    for checkpoint in checkpoints.glob("*.ckpt"):
+        checkpoint.write_bytes(checkpoint.read_bytes()[:64])
+    return ["--config", str(recipe)]
+
+
+def _run_dir_in_use(prepared: Prepared, tmp_path: Path) -> list[str]:
+    recipe = prepared.copy_to(tmp_path)
+    owner = {"host": "some-other-node", "pid": 4242, "slurm_job": None, "slurm_restart": 0}
+    (tmp_path / "run" / "run.lock").write_text(json.dumps(owner))
+    return ["--config", str(recipe)]
+
+
+def _checkpoint_dir_is_a_file(prepared: Prepared, tmp_path: Path) -> list[str]:
+    recipe = prepared.copy_to(tmp_path)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    (tmp_path / "run" / "checkpoints").write_text("a file where the checkpoint folder should be")
+    return ["--config", str(recipe)]
+
+
+def _csv_version_with_metrics(prepared: Prepared, tmp_path: Path) -> list[str]:
+    (tmp_path / "logs" / "v1").mkdir(parents=True)
+    (tmp_path / "logs" / "v1" / "metrics.csv").write_text("step,train/lm_loss\n0,5.0\n")
+    logger = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]
+    return [*logger, "--trainer.logger.name=logs", "--trainer.logger.version=v1"]
+
+
+def _corrupt_init_from(prepared: Prepared, tmp_path: Path) -> list[str]:
+    prepared.copy_to(tmp_path)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    return [f"--model.init_from={last}", "--trainer.default_root_dir=" + str(tmp_path / "fresh")]
+
+
 BAD_INPUTS = [
     BadInput("top_k_above_experts", ["--model.arch.moe.top_k=9"], ["moe.top_k=9", "[1, moe.num_experts=4]"]),
     BadInput("unknown_key", ["--model.arch.moe.num_expertz=4"], ["num_expertz"]),
@@ -222,7 +274,12 @@ BAD_INPUTS = [
         expected=["not a readable tokenizer.json"],
         setup=lambda prepared, tmp: [f"--data.corpus.tokenizer={_garbage_file(tmp, 'tokenizer.json')}"],
     ),
-    BadInput("model_vocab_below_tokenizer", ["--model.arch.vocab_size=200"], ["vocab_size=200", "set model.arch"]),
+    BadInput(
+        # A fresh run: resuming, the checkpoint comparison reports the changed vocabulary first.
+        "model_vocab_below_tokenizer",
+        ["--model.arch.vocab_size=200", "--auto_resume=false"],
+        ["vocab_size=200", "set model.arch"],
+    ),
     BadInput("warmup_past_max_steps", ["--model.optim.warmup_steps=50"], ["warmup_steps=50", "max_steps"]),
     BadInput("negative_lr", ["--model.optim.lr=-1"], ["optim.lr=-1", "positive"]),
     BadInput("missing_init_from", ["--model.init_from=/nonexistent.ckpt"], ["init_from", "is not a file"]),
@@ -352,6 +409,37 @@ BAD_INPUTS = [
         expected=["prepared with another tokenizer", "use its copy"],
         setup=_prepared_with_other_tokenizer,
     ),
+
+        "ckpt_path_last_corrupted",
+        expected=["last.ckpt", "SHA-256", "corrupted"],
+        setup=lambda prepared, tmp: _damaged_last(prepared, tmp, truncate=False),
+    ),
+    BadInput(
+        "ckpt_path_last_truncated",
+        expected=["last.ckpt", "truncated"],
+        setup=lambda prepared, tmp: _damaged_last(prepared, tmp, truncate=True),
+    ),
+    BadInput("ckpt_path_last_without_checkpoints", expected=["'last': no checkpoint found"], setup=_no_checkpoints),
+    BadInput("ckpt_path_best", ["--ckpt_path=best"], ["ckpt_path='best' is not supported", "'last'"]),
+    BadInput(
+        "lost_manifest_unverifiable_checkpoints",
+        expected=["no manifest.json entry", "--ckpt_path PATH", "afresh"],
+        setup=_lost_manifest_unverifiable,
+    ),
+    BadInput(
+        "run_dir_in_use", expected=["in use by another run", "some-other-node", "run.lock"], setup=_run_dir_in_use
+    ),
+    BadInput(
+        "checkpoint_dir_not_writable",
+        expected=["cannot write to", "checkpoints", "PeriodicCheckpoint dirpath"],
+        setup=_checkpoint_dir_is_a_file,
+    ),
+    BadInput(
+        "csv_version_would_truncate_metrics",
+        expected=["version='v1' would overwrite", "remove `version`"],
+        setup=_csv_version_with_metrics,
+    ),
+    BadInput("corrupt_init_from", expected=["init_from", "SHA-256"], setup=_corrupt_init_from),
 ]
 
 

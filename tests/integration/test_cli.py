@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +14,12 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
+from sdmoe_train.checkpointing.manifest import read_manifest
 from sdmoe_train.cli import SUBCOMMANDS, main
+from sdmoe_train.data import PretrainDataModule
 from sdmoe_train.models import presets
 from sdmoe_train.models.config import TransformerConfig
+from sdmoe_train.report.dashboard import read_run
 from tests.corpora import make_documents, write_documents
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -96,19 +102,12 @@ def _write_recipe(tmp_path: Path, max_steps: int) -> Path:
             "log_every_n_steps": 1,
             "enable_progress_bar": False,
             "enable_model_summary": False,
+            # The run directory: logs, checkpoints, the lock and the W&B id are derived from it.
             "default_root_dir": str(run_dir),
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(run_dir), "name": "logs", "version": ""},
-            },
             "callbacks": [
                 {
                     "class_path": "sdmoe_train.lightning.callbacks.PeriodicCheckpoint",
-                    "init_args": {
-                        "dirpath": str(run_dir / "checkpoints"),
-                        "every_n_train_steps": 3,
-                        "save_last": True,
-                    },
+                    "init_args": {"every_n_train_steps": 3, "save_last": True},
                 }
             ],
         },
@@ -119,8 +118,8 @@ def _write_recipe(tmp_path: Path, max_steps: int) -> Path:
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
-    with open(run_dir / "logs" / "metrics.csv") as handle:
-        return [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/lm_loss")]
+    """Steps with a training loss, over every attempt of the run, as `sdmoe-train report` joins them."""
+    return [int(step) for step, _ in read_run(run_dir).scalars["train/lm_loss"]]
 
 
 def test_prepare_fit_and_resume_from_last_continue_the_step_count(
@@ -209,3 +208,72 @@ def test_wandb_recipe_logs_offline_without_network(tmp_path: Path, monkeypatch: 
     runs = list((tmp_path / "wandb-runs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb")), "the offline run holds no logged data"
+
+
+def test_one_run_directory_keeps_every_attempts_metrics_and_refuses_bad_resumes_untouched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = _write_recipe(tmp_path, max_steps=4)
+    main(["prepare", "--config", str(recipe)])
+    run_dir = tmp_path / "elsewhere"
+    moved = ["--config", str(recipe), f"--trainer.default_root_dir={run_dir}"]
+    main(["fit", *moved])
+    assert not (tmp_path / "run").exists(), "the run directory setting must move logs and checkpoints alike"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "run.lock").exists()
+    first_attempt = (run_dir / "logs" / "version_0" / "metrics.csv").read_bytes()
+
+    # A resume the recipe check rejects exits 2 before any logger starts: no new attempt, nothing truncated.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *moved, "--trainer.max_steps=7", "--model.arch.hidden_dim=48"])
+    assert exit_info.value.code == 2 and "arch.hidden_dim: checkpoint 32 != recipe 48" in capsys.readouterr().err
+    assert sorted(path.name for path in (run_dir / "logs").iterdir()) == ["version_0"]
+    assert (run_dir / "logs" / "version_0" / "metrics.csv").read_bytes() == first_attempt
+
+    main(["fit", *moved, "--trainer.max_steps=7"])
+    assert "resuming from" in capsys.readouterr().out
+    assert _logged_steps(run_dir) == list(range(7)), "the report must show both attempts' steps"
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *moved, "--trainer.max_steps=9", "--ckpt_path=last"])
+    assert exit_info.value.code == 2 and "last.ckpt does not match the SHA-256" in capsys.readouterr().err
+
+
+def test_a_second_fit_on_a_run_directory_in_use_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = _write_recipe(tmp_path, max_steps=3)
+    main(["prepare", "--config", str(recipe)])
+    hold = "import sys, time; from sdmoe_train.checkpointing.run_lock import acquire_run_lock as a; a(sys.argv[1]); "
+    hold += "print('locked', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(recipe)])
+        assert exit_info.value.code == 2
+        assert f"is in use by another run (pid {holder.pid} on" in capsys.readouterr().err
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    main(["fit", "--config", str(recipe)])  # the killed holder's lock does not block
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_stop_signal_while_the_data_is_prepared_stops_the_run_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = _write_recipe(tmp_path, max_steps=6)
+    main(["prepare", "--config", str(recipe)])
+    prepare = PretrainDataModule.prepare_data
+
+    def prepare_then_scancel(datamodule: PretrainDataModule) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # scancel while the cache is (re)built
+        prepare(datamodule)
+
+    monkeypatch.setattr(PretrainDataModule, "prepare_data", prepare_then_scancel)
+    main(["fit", "--config", str(recipe)])  # returns: a clean stop, not a kill
+    assert "train/lm_loss" not in read_run(tmp_path / "run").scalars, "the run trained after the signal"
+    assert {entry["step"] for entry in read_manifest(tmp_path / "run" / "checkpoints")} == {0}

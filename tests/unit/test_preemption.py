@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 
@@ -49,3 +50,32 @@ def test_array_task_is_requeued_by_its_array_id(monkeypatch: pytest.MonkeyPatch)
     assert slurm.current_slurm_job() == "899_3"
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     assert slurm.current_slurm_job() == "900"
+
+
+def _trainer_at(step: int) -> SimpleNamespace:
+    return SimpleNamespace(global_step=step, world_size=1, should_stop=False, checkpoint_callbacks=[])
+
+
+def test_a_signal_during_data_preparation_and_first_validation_stops_before_the_first_step() -> None:
+    handler = PreemptionHandler(requeue="never", stop_signals=["SIGUSR2"])
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)  # arrives while the data is tokenised
+        # `fit` validates once before training: its teardown must not forget the signal.
+        handler.teardown(_trainer_at(0), None, stage="validate")
+        assert signals.received(signal.SIGUSR2)
+        trainer = _trainer_at(0)
+        handler.on_train_start(trainer, None)
+        assert trainer.should_stop and handler.stopped_for == "stop"
+    finally:
+        handler.teardown(_trainer_at(0), None, stage="fit")
+    assert not signals.received(signal.SIGUSR2)
+
+
+def test_without_a_signal_training_starts() -> None:
+    handler = PreemptionHandler(requeue="never", stop_signals=["SIGUSR2"])
+    try:
+        trainer = _trainer_at(40)
+        handler.on_train_start(trainer, None)
+        assert not trainer.should_stop and handler.stopped_for is None
+    finally:
+        handler.teardown(trainer, None, stage="fit")
