@@ -6,6 +6,7 @@ trains the tokenizer (when missing) and builds the token cache of the recipe's `
 building a model. Unknown keys and invalid values are rejected while the recipe is parsed.
 ``sdmoe-train export|import`` convert to and from Hugging Face checkpoints (:mod:`sdmoe_train.hf_cli`);
 ``sdmoe-train ssmoe-eval`` compares a checkpoint with SSMoE off and on (:mod:`sdmoe_train.ssmoe_cli`).
+``sdmoe-train evaluate|build-eval-tasks`` run and build lm-eval tasks (:mod:`sdmoe_train.evaluate_cli`).
 ``sdmoe-train report RUN_DIR`` writes a run's dashboard (:mod:`sdmoe_train.report.cli`).
 """
 
@@ -23,7 +24,7 @@ import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
-from sdmoe_train import hf_cli, preemption, ssmoe_cli
+from sdmoe_train import evaluate_cli, hf_cli, preemption, ssmoe_cli
 from sdmoe_train.data import PretrainDataModule, build_token_cache, load_tokenizer, train_corpus_tokenizer
 from sdmoe_train.errors import ConfigError, TrainingHaltedError
 from sdmoe_train.io import write_text_atomically
@@ -215,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] in ("export", "import"):
             hf_cli.run(argv[0], argv[1:])
             return
+        if argv and argv[0] in ("evaluate", "build-eval-tasks"):
+            evaluate_cli.run(argv[0], argv[1:])
+            return
         if argv and argv[0] == "ssmoe-eval":
             ssmoe_cli.run(argv[1:])
             return
@@ -233,7 +237,15 @@ def main(argv: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
-                "epilog": "".join((USAGE_EPILOG, hf_cli.USAGE_EPILOG, ssmoe_cli.USAGE_EPILOG, report_cli.USAGE_EPILOG))
+                "epilog": "".join(
+                    (
+                        USAGE_EPILOG,
+                        hf_cli.USAGE_EPILOG,
+                        ssmoe_cli.USAGE_EPILOG,
+                        evaluate_cli.USAGE_EPILOG,
+                        report_cli.USAGE_EPILOG,
+                    )
+                )
             },
         )
     except ConfigError as error:

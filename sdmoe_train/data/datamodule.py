@@ -23,7 +23,6 @@ continued with a larger one. Validation batches are never counted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -41,7 +40,7 @@ from sdmoe_train.data.config import DataConfig
 from sdmoe_train.data.packing import PackedBlocks
 from sdmoe_train.data.sampler import ResumableDistributedSampler
 from sdmoe_train.data.streaming import StreamingPackedBlocks, held_out_documents
-from sdmoe_train.data.tokenizer import eos_token_id, load_tokenizer
+from sdmoe_train.data.tokenizer import eos_token_id, load_tokenizer, tokenizer_identity
 from sdmoe_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -109,8 +108,7 @@ class PretrainDataModule(L.LightningDataModule):
     @property
     def tokenizer_identity(self) -> dict[str, Any]:
         """Vocabulary size and SHA-256 of the serialized tokenizer; checkpoints record it (see run_identity)."""
-        serialized = self.tokenizer.to_str().encode()
-        return {"vocab_size": self.vocab_size, "sha256": hashlib.sha256(serialized).hexdigest()}
+        return tokenizer_identity(self.tokenizer)
 
     @property
     def eos_token_id(self) -> int:

@@ -69,6 +69,8 @@ PER_LAYER_METRICS = (
     "routing/load_entropy",
 )
 """Metrics also drawn layer by layer (one line per layer)."""
+DOWNSTREAM_PREFIX = "eval/"
+"""Metrics of the ``DownstreamEvaluation`` callback, one chart each (task names vary from run to run)."""
 
 
 @dataclass
@@ -145,6 +147,12 @@ def _figure_svg(record: dict, label: str) -> str:
     return bars_svg(values, title, record["row_label"], record["column_label"])
 
 
+def _downstream_metrics(runs: list[RunLog]) -> list[str]:
+    """Every ``eval/<task>/<metric>`` logged by ``DownstreamEvaluation`` in any run (standard errors left out)."""
+    names = {name for run in runs for name in run.scalars if name.startswith(DOWNSTREAM_PREFIX)}
+    return sorted(name for name in names if not name.endswith("_stderr"))
+
+
 def build_dashboard(runs: list[RunLog], title: str) -> str:
     """The complete HTML page for the given runs."""
     body = [f"<h1>{escape(title)}</h1>"]
@@ -157,6 +165,9 @@ def build_dashboard(runs: list[RunLog], title: str) -> str:
         rendered = [svg for chart_title, metrics in charts if (svg := _chart(runs, chart_title, metrics))]
         if rendered:
             body.append(f"<h2>{escape(section)}</h2><div class='row'>{''.join(rendered)}</div>")
+    downstream = [svg for metric in _downstream_metrics(runs) if (svg := _chart(runs, metric, (metric,)))]
+    if downstream:
+        body.append(f"<h2>Downstream evaluation (lm-eval)</h2><div class='row'>{''.join(downstream)}</div>")
     per_layer = [svg for run in runs for metric in PER_LAYER_METRICS if (svg := _per_layer_chart(run, metric))]
     if per_layer:
         body.append(f"<h2>Per layer</h2><div class='row'>{''.join(per_layer)}</div>")
