@@ -104,6 +104,9 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
         raise ConfigError(f"--limit={config.limit} must be > 0 (documents per task, or a share below 1)")
     if config.num_fewshot is not None and config.num_fewshot < 0:
         raise ConfigError(f"--num_fewshot={config.num_fewshot} must be >= 0")
+    for option in ("batch_size", "max_gen_toks"):
+        if config[option] < 1:
+            raise ConfigError(f"--{option}={config[option]} must be >= 1")
     device = _device(config.device)
     ssmoe_settings = config.pop("ssmoe").as_dict()
     ssmoe = None if ssmoe_settings["c"] is None else SSMoEConfig(**ssmoe_settings, enabled=True)
@@ -115,12 +118,12 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     from sdmoe_train.evaluation.runner import evaluate_tasks, results_table, write_results
     from sdmoe_train.evaluation.tasks import resolve_tasks
 
-    resolved = resolve_tasks(tasks, include_path)
     started = time.perf_counter()
+    resolved = resolve_tasks(tasks, include_path)
     model = load_evaluation_model(config.ckpt_path, parsed.model.arch, tokenizer, ssmoe)
     precision = _precision(config.precision, (config.trainer or {}).get("precision"), device)
     dtype = autocast_dtype(precision, device)
-    if precision is not None and precision.endswith("-true") and dtype is not None:
+    if precision.endswith("-true") and dtype is not None:
         model.to(dtype)  # trained in that dtype throughout, not under autocast
     model.to(device)
     lm = SDMoELM(model, tokenizer, batch_size=config.batch_size, autocast_dtype=dtype, max_gen_toks=config.max_gen_toks)
@@ -137,12 +140,12 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     results["config"]["model_args"] = {
         "ckpt_path": config.ckpt_path,
         "tokenizer": str(tokenizer_path),
-        "precision": precision or "32-true",
+        "precision": precision,
         "ssmoe": None if ssmoe is None else dataclasses.asdict(ssmoe),
     }
     elapsed = time.perf_counter() - started
     print(
-        f"sdmoe (ckpt_path={config.ckpt_path}, device={device}, precision={precision or '32-true'}"
+        f"sdmoe (ckpt_path={config.ckpt_path}, device={device}, precision={precision}"
         f"{'' if ssmoe is None else f', ssmoe.c={ssmoe.c}'}), limit={config.limit}, "
         f"num_fewshot={config.num_fewshot}, batch_size={config.batch_size}: {elapsed:.1f} s"
     )
@@ -263,14 +266,14 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _precision(explicit: str | None, recipe: Any, device: torch.device) -> str | None:
+def _precision(explicit: str | None, recipe: Any, device: torch.device) -> str:
     """The precision to evaluate in: the explicit one, else the recipe's on a GPU; a CPU runs fp32 unless told."""
     if explicit is not None:
         return explicit
     if device.type == "cpu":
         # bf16/fp16 autocast is emulated on most CPUs (about 20x slower) and fp32 scores at least as exactly.
-        return None
-    return None if recipe is None else str(recipe)
+        return "32-true"
+    return "bf16-mixed" if recipe is None else str(recipe)
 
 
 def build_eval_tasks(argv: list[str]) -> None:

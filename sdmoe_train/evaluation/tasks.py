@@ -9,6 +9,7 @@ data from the Hugging Face hub; a failure to reach it becomes a :class:`ConfigEr
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,12 +70,18 @@ def resolve_tasks(requested: list[str], include_path: list[str] | None = None) -
     names = _expand(requested, local)
     if names is not None:
         return ResolvedTasks(names, local, local=True)
-    bundled = TaskManager(include_path=[str(path) for path in directories] or None)
+    bundled = _bundled_manager(tuple(str(path) for path in directories))
     names = _expand(requested, bundled)
     if names is None:
         unknown = [name for name in requested if not _matches(name, bundled)]
         raise ConfigError(_unknown_tasks_message(unknown, bundled, local, directories))
     return ResolvedTasks(names, bundled, local=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _bundled_manager(directories: tuple[str, ...]) -> TaskManager:
+    """lm-eval's bundled tasks plus the local directories, indexed once per process (it takes seconds)."""
+    return TaskManager(include_path=list(directories) or None)
 
 
 def load_tasks(resolved: ResolvedTasks) -> dict[str, Any]:

@@ -74,7 +74,9 @@ def test_next_line_items_ask_for_the_true_next_line_among_look_alike_lines(tmp_p
 
 def test_last_word_items_ask_for_the_true_last_word_among_look_alike_words(tmp_path: Path) -> None:
     texts = _texts()
-    build_tasks(texts, _config(), tmp_path)
+    built = build_tasks(texts, _config(), tmp_path)
+    (summary,) = [summary for summary in built.choice_tasks if summary.task == "tiny_last_word"]
+    assert summary.dropped_as_trained >= 1  # "Line 0-0-3 of verse queen," is in a training document
     counts = word_counts(texts.train)
     for item in _items(tmp_path, "tiny_last_word"):
         choices, answer = item["choices"], item["choices"][item["label"]]
