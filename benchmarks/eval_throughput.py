@@ -30,13 +30,13 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from reporting import environment, write_result
 
+from sdmoe_train.cli.evaluate import load_evaluation_model
 from sdmoe_train.data.tokenizer import load_tokenizer
-from sdmoe_train.evaluate_cli import load_evaluation_model
 from sdmoe_train.evaluation.adapter import SDMoELM
 from sdmoe_train.evaluation.isolation import evaluation_mode
 from sdmoe_train.evaluation.tasks import load_tasks, resolve_tasks
+from sdmoe_train.interop.hf.driver import export_model
 from sdmoe_train.models import presets
-from sdmoe_train.models.hf_io import export_model
 from sdmoe_train.models.transformer import Transformer
 
 WORKLOADS = {

@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.instance import Instance
@@ -46,6 +45,7 @@ from tqdm import tqdm
 from sdmoe_train.data.tokenizer import eos_token_id
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.models.transformer import Transformer
+from sdmoe_train.parallel import collectives
 
 DEFAULT_MAX_GEN_TOKS = 256
 """New tokens a generation may add when its task sets no ``max_gen_toks`` (lm-eval's default)."""
@@ -99,8 +99,8 @@ class SDMoELM(TemplateLM):
         self._max_gen_toks = max_gen_toks
         self._device = next(model.parameters()).device
         self.show_progress = show_progress
-        if distributed and dist.is_available() and dist.is_initialized():
-            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
+        if distributed:
+            self._rank, self._world_size = collectives.default_group_rank_and_size()
 
     @property
     def eot_token_id(self) -> int:
@@ -274,23 +274,18 @@ class SDMoELM(TemplateLM):
 
     def all_gather(self, tensor: Tensor) -> Tensor:
         """Every rank's ``tensor`` stacked (0-d) or concatenated along dim 0."""
-        if self.world_size == 1:
-            return tensor
-        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(gathered, tensor.contiguous())
-        return torch.stack(gathered) if tensor.dim() == 0 else torch.cat(gathered)
+        return tensor if self.world_size == 1 else collectives.all_gather_tensor(tensor)
 
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
         """Every rank's ``obj`` on rank ``dst`` (None on the others)."""
         if self.world_size == 1:
             return [obj]
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
+        gathered = collectives.all_gather_object(obj)
         return gathered if self.rank == dst else None
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier()
+            collectives.barrier()
 
 
 def _score(logprobs_NV: Tensor, continuation: list[int]) -> tuple[float, bool]:

@@ -15,10 +15,10 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from sdmoe_train.cli import main  # noqa: E402
+from sdmoe_train.cli.evaluate import load_evaluation_model  # noqa: E402
 from sdmoe_train.data.tokenizer import load_tokenizer  # noqa: E402
-from sdmoe_train.evaluate_cli import load_evaluation_model  # noqa: E402
 from sdmoe_train.evaluation.adapter import SDMoELM  # noqa: E402
-from sdmoe_train.lightning.hf_checkpoint import load_checkpoint_model  # noqa: E402
+from sdmoe_train.interop.hf.checkpoints import load_checkpoint_model  # noqa: E402
 from tests.corpora import make_documents, make_tokenizer  # noqa: E402
 from tests.integration.evaluation_runs import TinyRun, train_tiny_run  # noqa: E402
 

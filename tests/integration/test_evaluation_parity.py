@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from sdmoe_train.cli import main  # noqa: E402
+from sdmoe_train.cli.evaluate import load_evaluation_model  # noqa: E402
 from sdmoe_train.data.tokenizer import load_tokenizer  # noqa: E402
-from sdmoe_train.evaluate_cli import load_evaluation_model  # noqa: E402
 from sdmoe_train.evaluation.adapter import SDMoELM  # noqa: E402
 from sdmoe_train.evaluation.runner import evaluate_tasks  # noqa: E402
 from sdmoe_train.evaluation.tasks import resolve_tasks  # noqa: E402

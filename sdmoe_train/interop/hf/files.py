@@ -1,0 +1,140 @@
+"""Reading and writing Hugging Face checkpoint directories: config.json, sharded safetensors, tokenizer files.
+
+The tensor and setting correspondence lives in the family adapters (:mod:`sdmoe_train.interop.hf.families`)
+and the driver that applies them (:mod:`sdmoe_train.interop.hf.driver`); this file only moves bytes, every
+write atomic. ``safetensors`` is needed at runtime; ``transformers`` is not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from sdmoe_train.data.tokenizer import EOS_CANDIDATES, load_tokenizer
+from sdmoe_train.errors import ConfigError
+from sdmoe_train.io import atomic_path, copy_file_atomically, write_text_atomically
+from sdmoe_train.models.config import TransformerConfig
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in ``size``: an int or a string such as ``"2GB"``, ``"500MB"``, ``"1GiB"`` (decimal units as HF)."""
+    if isinstance(size, int):
+        value, unit = size, "B"
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", size.upper())
+        if match is None:
+            raise ConfigError(f"max_shard_size={size!r} is not a size; use e.g. 2GB, 500MB or a byte count")
+        value, unit = float(match.group(1)), match.group(2) or "B"
+    size_bytes = int(value * _UNITS[unit])
+    if size_bytes <= 0:
+        raise ConfigError(f"max_shard_size={size!r} must be positive")
+    return size_bytes
+
+
+def save_safetensors(tensors: dict[str, Tensor], out_dir: Path, max_shard_size: str | int = "5GB") -> list[Path]:
+    """Write ``tensors`` as ``model.safetensors`` or, above ``max_shard_size``, as shards plus an index.
+
+    A tensor larger than the limit gets a shard of its own. Returns the written weight files.
+    """
+    from safetensors.torch import save_file
+
+    limit = parse_size(max_shard_size)
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for key in sorted(tensors):
+        size = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and shard_bytes + size > limit:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(key)
+        shard_bytes += size
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, keys in zip(names, shards, strict=True):
+        # safetensors refuses tensors that share storage (the per-expert views of one bank); copy per shard.
+        with atomic_path(out_dir / name) as temp:
+            save_file({k: tensors[k].detach().contiguous().clone() for k in keys}, str(temp), {"format": "pt"})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {key: name for name, keys in zip(names, shards, strict=True) for key in keys}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        write_text_atomically(out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    return [out_dir / name for name in names]
+
+
+def load_safetensors(hf_dir: Path) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint directory (single file or sharded with an index)."""
+    from safetensors.torch import load_file
+
+    if (hf_dir / INDEX_FILE).is_file():
+        weight_map = json.loads((hf_dir / INDEX_FILE).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (hf_dir / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        raise ConfigError(f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found (is it a safetensors checkpoint?)")
+    tensors: dict[str, Tensor] = {}
+    for name in files:
+        tensors.update(load_file(str(hf_dir / name)))
+    return tensors
+
+
+def copy_tokenizer(source: str | Path, out_dir: Path, config: TransformerConfig) -> list[Path]:
+    """Copy a tokenizer.json (file, or a directory of HF tokenizer files) into a checkpoint directory.
+
+    A bare tokenizer.json gets a minimal tokenizer_config.json so ``AutoTokenizer`` can load it.
+    """
+    source = Path(source).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        copied = [
+            copy_file_atomically(source / name, out_dir / name) for name in TOKENIZER_FILES if (source / name).is_file()
+        ]
+        if not copied:
+            raise ConfigError(f"--tokenizer={str(source)!r}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) there")
+    elif source.is_file():
+        copied = [copy_file_atomically(source, out_dir / "tokenizer.json")]
+    else:
+        raise ConfigError(f"--tokenizer={str(source)!r} does not exist; give a tokenizer.json or its directory")
+    if not (out_dir / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(out_dir / "tokenizer.json")
+        settings: dict[str, object] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": config.max_seq_len,
+        }
+        eos = next((token for token in EOS_CANDIDATES if tokenizer.token_to_id(token) is not None), None)
+        if eos is not None:
+            settings["eos_token"] = eos
+        write_text_atomically(out_dir / "tokenizer_config.json", json.dumps(settings, indent=2) + "\n")
+        copied.append(out_dir / "tokenizer_config.json")
+    return [Path(p) for p in copied]
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    """The parsed config.json of a checkpoint directory."""
+    path = Path(hf_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{hf_dir}: no {CONFIG_FILE}; expected a Hugging Face checkpoint directory")
+    return json.loads(path.read_text())
