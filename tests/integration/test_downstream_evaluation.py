@@ -168,3 +168,17 @@ def test_training_losses_are_bitwise_the_same_with_the_callback_and_after_a_resu
     assert final_losses(losses) == expected
     logged = _logged(tmp_path / "interrupted" / "run" / "logs" / "metrics.csv")
     assert all(sorted(steps) == [3, 6, 9] for steps in logged.values())  # step 6 is not evaluated again
+
+
+@pytest.mark.slow
+def test_rank_zero_and_split_evaluations_of_a_ddp_run_log_the_same_metrics(run: TinyRun, tmp_path: Path) -> None:
+    logged = {}
+    for distributed in ("split", "rank_zero"):
+        recipe = _subprocess_recipe(tmp_path / distributed, run, 2, with_callback=True, distributed=distributed)
+        log = tmp_path / f"{distributed}.log"
+        assert run_fit(recipe, log) == 0, log.read_text()[-3000:]
+        logged[distributed] = _logged(tmp_path / distributed / "run" / "logs" / "metrics.csv")
+    assert sorted(logged["split"]) == sorted(METRICS)
+    for name, values in logged["split"].items():
+        assert sorted(values) == [3, 6, 9]
+        assert logged["rank_zero"][name] == pytest.approx(values, rel=1e-6), name
