@@ -204,6 +204,11 @@ def _check_against_recipe(
             f"--ckpt_path={str(path)!r} has no model architecture ('arch' hyper-parameter): evaluate a checkpoint "
             "of `sdmoe-train fit` or the model.ckpt of `sdmoe-train import`"
         )
+    if "pytorch-lightning_version" not in checkpoint:
+        raise ConfigError(
+            f"--ckpt_path={str(path)!r} is not a Lightning checkpoint (no 'pytorch-lightning_version' entry): "
+            "evaluate a checkpoint of `sdmoe-train fit` or the model.ckpt of `sdmoe-train import`"
+        )
     recorded = (checkpoint.get("sdmoe_train") or {}).get(IDENTITY_KEY) or {}
     saved = {"arch": _arch_fields(hparams["arch"])}
     if "tokenizer" in recorded:  # imported models and old checkpoints record none

@@ -160,3 +160,16 @@ def test_a_model_exported_and_imported_again_evaluates_like_the_checkpoint(
         for key, value in metrics.items():
             if isinstance(value, float):
                 assert again[task][key] == pytest.approx(value, rel=1e-4), (task, key)
+
+
+def test_a_checkpoint_that_lightning_did_not_write_is_refused_with_a_message(
+    run: TinyRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
+    bare = tmp_path / "bare.ckpt"
+    torch.save({"state_dict": checkpoint["state_dict"], "hyper_parameters": checkpoint["hyper_parameters"]}, bare)
+    args = run.evaluate_args()
+    args[args.index("--ckpt_path") + 1] = str(bare)
+    code, error = _exit_code_and_error(args, capsys)
+    assert code == 2
+    assert "is not a Lightning checkpoint" in error

@@ -3,6 +3,7 @@ freshly initialised one does not, and its perplexity is far lower."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -83,7 +84,11 @@ def _fresh_checkpoint(recipe: Path, path: Path) -> Path:
     )
     torch.manual_seed(1234)
     state = {f"model.{key}": value for key, value in Transformer(config).state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": {"arch": config}}, path)
+    lightning_version = importlib.metadata.version("lightning")
+    torch.save(
+        {"state_dict": state, "hyper_parameters": {"arch": config}, "pytorch-lightning_version": lightning_version},
+        path,
+    )
     return path
 
 
