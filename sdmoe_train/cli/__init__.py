@@ -40,6 +40,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "export": Subcommand("hf_export", "Hugging Face checkpoints"),
     "import": Subcommand("hf_import", "Hugging Face checkpoints"),
     "ssmoe-eval": Subcommand("ssmoe_eval", "SSMoE evaluation"),
+    "evaluate": Subcommand("evaluate", "downstream evaluation (lm-evaluation-harness, the `eval` extra)"),
+    "build-eval-tasks": Subcommand(
+        "build_eval_tasks", "downstream evaluation (lm-evaluation-harness, the `eval` extra)"
+    ),
     "report": Subcommand("report", "dashboards"),
     "consolidate": Subcommand("consolidate", "checkpoints"),
     "requeue": Subcommand("requeue", "Slurm"),

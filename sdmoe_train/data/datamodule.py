@@ -27,7 +27,6 @@ same on every rank, and validation runs one loader per source.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from typing import Any
@@ -58,7 +57,7 @@ from sdmoe_train.data.token_data import (
     recipe_sources,
     validation_blocks,
 )
-from sdmoe_train.data.tokenizer import eos_token_id, load_tokenizer
+from sdmoe_train.data.tokenizer import eos_token_id, load_tokenizer, tokenizer_identity
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.parallel.gather import all_gather_objects
 
@@ -156,8 +155,7 @@ class PretrainDataModule(L.LightningDataModule):
     @property
     def tokenizer_identity(self) -> dict[str, Any]:
         """Vocabulary size and SHA-256 of the serialized tokenizer; checkpoints record it (see run_identity)."""
-        serialized = self.tokenizer.to_str().encode()
-        return {"vocab_size": self.vocab_size, "sha256": hashlib.sha256(serialized).hexdigest()}
+        return tokenizer_identity(self.tokenizer)
 
     @property
     def eos_token_id(self) -> int:

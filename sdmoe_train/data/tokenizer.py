@@ -5,6 +5,7 @@ Training is an explicit, separate step (``sdmoe-train prepare``); the data modul
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -130,6 +131,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise ConfigError(
             f"data.corpus.tokenizer={str(path)!r}: {file} is not a readable tokenizer.json ({error})"
         ) from error
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, int | str]:
+    """Vocabulary size and SHA-256 of the serialized tokenizer, as checkpoints record it (``run_identity``)."""
+    return {"vocab_size": tokenizer.get_vocab_size(), "sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()}
 
 
 def eos_token_id(tokenizer: Tokenizer) -> int:

@@ -74,6 +74,8 @@ PER_SOURCE_METRICS = (
     ("validation loss per source", "val/loss"),
 )
 """Data-mixture charts: title and metric prefix; one line per source (``<prefix>/<source>``)."""
+DOWNSTREAM_PREFIX = "eval/"
+"""Metrics of the ``DownstreamEvaluation`` callback, one chart each (task names vary from run to run)."""
 
 
 @dataclass
@@ -171,6 +173,12 @@ def _figure_svg(record: dict, label: str) -> str:
     return bars_svg(values, title, record["row_label"], record["column_label"])
 
 
+def _downstream_metrics(runs: list[RunLog]) -> list[str]:
+    """Every ``eval/<task>/<metric>`` logged by ``DownstreamEvaluation`` in any run (standard errors left out)."""
+    names = {name for run in runs for name in run.scalars if name.startswith(DOWNSTREAM_PREFIX)}
+    return sorted(name for name in names if not name.endswith("_stderr"))
+
+
 def build_dashboard(runs: list[RunLog], title: str) -> str:
     """The complete HTML page for the given runs."""
     body = [f"<h1>{escape(title)}</h1>"]
@@ -188,6 +196,9 @@ def build_dashboard(runs: list[RunLog], title: str) -> str:
     ]
     if per_source:
         body.append(f"<h2>Data mixture</h2><div class='row'>{''.join(per_source)}</div>")
+    downstream = [svg for metric in _downstream_metrics(runs) if (svg := _chart(runs, metric, (metric,)))]
+    if downstream:
+        body.append(f"<h2>Downstream evaluation (lm-eval)</h2><div class='row'>{''.join(downstream)}</div>")
     per_layer = [svg for run in runs for metric in PER_LAYER_METRICS if (svg := _per_layer_chart(run, metric))]
     if per_layer:
         body.append(f"<h2>Per layer</h2><div class='row'>{''.join(per_layer)}</div>")

@@ -409,7 +409,7 @@ BAD_INPUTS = [
         expected=["prepared with another tokenizer", "use its copy"],
         setup=_prepared_with_other_tokenizer,
     ),
-
+    BadInput(
         "ckpt_path_last_corrupted",
         expected=["last.ckpt", "SHA-256", "corrupted"],
         setup=lambda prepared, tmp: _damaged_last(prepared, tmp, truncate=False),

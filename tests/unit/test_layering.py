@@ -16,7 +16,9 @@ function, or under ``if TYPE_CHECKING``. The layers, lowest first:
 and beside them: data (tokenizers, caches, the data module: io and parallel's object gather only),
 report (the dashboard; the figures file and SVG helpers it owns are what lightning/ uses, so report/
 never imports lightning/), interop (Hugging Face: models, moe, data's tokenizer and checkpointing's
-model-state layout).
+model-state layout), evaluation (lm-evaluation-harness: the lm-eval model over models/, task lookup, the
+offline task builder over data's held-out texts; below lightning/, whose DownstreamEvaluation callback
+runs it).
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ ALLOWED: dict[str, set[str]] = {
     "report": BASE | {"io"},
     "checkpointing": BASE | {"io", "moe", "models", "parallel"},
     "interop": BASE | {"io", "moe", "models", "data", "checkpointing"},
-    "lightning": BASE | {"io", "moe", "models", "parallel", "data", "checkpointing", "report"},
-    "cli": BASE | {"io", "moe", "models", "parallel", "data", "report", "checkpointing", "interop", "lightning"},
+    "evaluation": BASE | {"io", "moe", "models", "parallel", "data"},
+    "lightning": BASE | {"io", "moe", "models", "parallel", "data", "checkpointing", "report", "evaluation"},
+    "cli": BASE
+    | {"io", "moe", "models", "parallel", "data", "report", "checkpointing", "interop", "evaluation", "lightning"},
 }
 """Layer -> the layers its modules may import (besides its own)."""
 

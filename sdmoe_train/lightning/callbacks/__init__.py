@@ -7,6 +7,7 @@ callback keeps one recipe class path.
 
 from sdmoe_train.checkpointing.periodic import PeriodicCheckpoint
 from sdmoe_train.checkpointing.preemption import PreemptionHandler
+from sdmoe_train.lightning.callbacks.downstream_evaluation import DownstreamEvaluation
 from sdmoe_train.lightning.callbacks.gate_alignment import GateAlignmentMonitor
 from sdmoe_train.lightning.callbacks.gradient_alignment import GradientAlignmentMonitor
 from sdmoe_train.lightning.callbacks.nonfinite import NonFiniteGuard
@@ -15,6 +16,7 @@ from sdmoe_train.lightning.callbacks.spectral_overlap import SpectralOverlapMoni
 from sdmoe_train.lightning.callbacks.throughput import PerformanceMonitor
 
 __all__ = [
+    "DownstreamEvaluation",
     "GateAlignmentMonitor",
     "GradientAlignmentMonitor",
     "NonFiniteGuard",

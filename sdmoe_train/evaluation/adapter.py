@@ -1,0 +1,296 @@
+"""The lm-evaluation-harness model ``sdmoe``: our :class:`Transformer` scored and decoded in-process, no export.
+
+:class:`SDMoELM` answers lm-eval's three request types:
+
+- ``loglikelihood`` of a continuation after a context: requests are sorted by length (longest first, so a
+  batch holds similar lengths and pads little), batched, and scored in one forward pass each; requests that
+  share all but the last continuation token share one forward pass (lm-eval's ``Collator`` groups them).
+  Inputs longer than the model's ``max_seq_len`` lose tokens on the left, as in lm-eval's ``hf`` model.
+- ``loglikelihood_rolling`` (perplexity): each text is cut into lm-eval's disjoint windows of ``max_seq_len``
+  tokens (the first one conditioned on the end-of-text token), every window of every text is scored in the
+  same sorted batches, and a text's windows are summed.
+- ``generate_until``: greedy decoding, batched, until a stop sequence, the end-of-text token or
+  ``max_gen_toks`` new tokens. The model keeps no key/value cache, so each new token runs the (at most
+  ``max_seq_len``-token) prefix again; prompts longer than that keep their last tokens.
+
+Token conventions match lm-eval's ``hf`` model on an exported checkpoint (``sdmoe-train export``), so both
+give the same numbers: texts are encoded without special tokens, an empty context is the end-of-text token
+(documents follow one in training), and log-probabilities are computed in fp32 whatever the autocast dtype.
+Batches are padded on the right; the model is causal and evaluation routes without capacity limits
+(:func:`~sdmoe_train.evaluation.isolation.evaluation_mode`), so padding never changes a real token's score.
+
+Data-parallel evaluation: with ``distributed=True`` inside an initialised ``torch.distributed`` process
+group, lm-eval gives each rank a share of the documents and gathers the per-document metrics on rank 0
+through :meth:`all_gather`, :meth:`gather_object` and :meth:`barrier`.
+"""
+
+# Shape key: B sequences in a batch, S tokens, V vocabulary, N scored tokens.
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_eval_utils
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tokenizers import Tokenizer
+from torch import Tensor
+from tqdm import tqdm
+
+from sdmoe_train.data.tokenizer import eos_token_id
+from sdmoe_train.errors import ConfigError
+from sdmoe_train.models.transformer import Transformer
+from sdmoe_train.parallel import collectives
+
+DEFAULT_MAX_GEN_TOKS = 256
+"""New tokens a generation may add when its task sets no ``max_gen_toks`` (lm-eval's default)."""
+
+_TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
+"""(original strings or None, context tokens, continuation tokens), as lm-eval's ``TemplateLM`` passes them."""
+
+
+@register_model("sdmoe")
+class SDMoELM(TemplateLM):
+    """lm-eval model over an in-memory :class:`Transformer` and its ``tokenizers`` tokenizer.
+
+    Args:
+        model: the model, already on its device; evaluation runs where its parameters are.
+        tokenizer: the tokenizer it was trained with (the recipe's ``data.corpus.tokenizer``).
+        batch_size: sequences per forward pass.
+        autocast_dtype: run the forward passes under ``torch.autocast`` in this dtype (bf16 on GPUs, as in
+            training); None runs in the parameters' dtype.
+        max_gen_toks: default for ``generate_until`` requests that set none.
+        distributed: split documents across the ranks of the default process group.
+        show_progress: draw progress bars (on rank 0).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        batch_size: int = 16,
+        autocast_dtype: torch.dtype | None = None,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        distributed: bool = False,
+        show_progress: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} must be >= 1")
+        if max_gen_toks < 1:
+            raise ConfigError(f"max_gen_toks={max_gen_toks} must be >= 1")
+        vocab = tokenizer.get_vocab_size()
+        if vocab > model.config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {vocab} tokens but the model's vocabulary is {model.config.vocab_size}: "
+                "evaluate with the tokenizer the model was trained with (the recipe's data.corpus.tokenizer)"
+            )
+        self.model = model
+        self.text_tokenizer = tokenizer
+        self._eot_token_id = eos_token_id(tokenizer)
+        self._batch_size = batch_size
+        self.autocast_dtype = autocast_dtype
+        self._max_gen_toks = max_gen_toks
+        self._device = next(model.parameters()).device
+        self.show_progress = show_progress
+        if distributed:
+            self._rank, self._world_size = collectives.default_group_rank_and_size()
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        """Longest input the model takes (``max_seq_len``)."""
+        return self.model.config.max_seq_len
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        # Training streams are `doc EOS doc EOS ...` without other special tokens; scoring uses the same ids.
+        return self.text_tokenizer.encode(string, add_special_tokens=False).ids
+
+    def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.text_tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
+
+    def get_model_info(self) -> dict[str, Any]:
+        """What lm-eval records about the model in the results' ``config`` section."""
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(next(self.model.parameters()).dtype),
+            "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype),
+            "max_length": self.max_length,
+            "eot_token_id": self.eot_token_id,
+        }
+
+    # ---------------------------------------------------------------- scoring
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
+    def _loglikelihood_tokens(
+        self, requests: list[_TokenRequest], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
+        """(sum of log-probabilities, whether greedy decoding yields it) of each continuation."""
+        for _, _, continuation in requests:
+            if not 0 < len(continuation) <= self.max_length:
+                raise ConfigError(
+                    f"a continuation of {len(continuation)} tokens cannot be scored by a model with "
+                    f"max_seq_len={self.max_length}; use a task with shorter answers"
+                )
+        collator = Collator(
+            requests,
+            sort_fn=lambda request: (-len(request[1]) - len(request[2]), tuple(request[1] + request[2])),
+            group_by="contexts",
+            group_fn=lambda request: request[1] + request[2][:-1],
+        )
+        results: list[tuple[float, bool]] = []
+        progress = tqdm(total=len(requests), disable=self._quiet(disable_tqdm), desc="loglikelihood")
+        for chunk in collator.get_batched(n=self.batch_size):
+            # The last continuation token is only predicted, never fed; overlong inputs lose the left.
+            inputs = [(context + continuation)[-(self.max_length + 1) : -1] for _, context, continuation in chunk]
+            logits_BSV = self._forward(inputs)
+            for (strings, context, continuation), row, logits_SV in zip(chunk, inputs, logits_BSV, strict=True):
+                scored_NV = logits_SV[len(row) - len(continuation) : len(row)]
+                logprobs_1NV = F.log_softmax(scored_NV.float(), dim=-1).unsqueeze(0)
+                for strings_, continuation_, logprobs_ in collator.get_cache(
+                    req_str=strings, cxt_toks=context, cont_toks=continuation, logits=logprobs_1NV
+                ):
+                    answer = _score(logprobs_[0], continuation_)
+                    results.append(answer)
+                    if strings_ is not None:
+                        self.cache_hook.add_partial("loglikelihood", strings_, answer)
+                    progress.update(1)
+        progress.close()
+        return collator.get_original(results)
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of each whole text over disjoint windows of ``max_seq_len`` tokens."""
+        windows: list[_TokenRequest] = []
+        owners: list[int] = []
+        for index, (string,) in enumerate(request.args for request in requests):
+            for context, continuation in map(
+                lm_eval_utils.make_disjoint_window,
+                lm_eval_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
+                windows.append((None, context, continuation))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm), strict=True):
+            totals[owner] += logprob
+        for request, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # ---------------------------------------------------------------- generation
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations, each cut before the first of its stop sequences."""
+        collator = Collator(
+            [request.args for request in requests],
+            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
+            group_by="gen_kwargs",
+            group_fn=lambda args: args[1],
+        )
+        end_of_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        results: list[str] = []
+        progress = tqdm(total=len(requests), disable=self._quiet(disable_tqdm), desc="generate_until")
+        for chunk in collator.get_batched(n=self.batch_size):
+            contexts, all_settings = zip(*chunk, strict=True)
+            settings = normalize_gen_kwargs(all_settings[0], self.max_gen_toks)
+            if settings.get("do_sample"):
+                raise ConfigError(
+                    f"a task asks for sampled generation ({dict(all_settings[0])}); the sdmoe model decodes "
+                    "greedily: override the task's generation settings with do_sample=false"
+                )
+            stops = handle_stop_sequences(settings.get("until"), eos=end_of_text)
+            prompts = [self.tok_encode(context) or [self.prefix_token_id] for context in contexts]
+            for context, tokens in zip(contexts, self._greedy(prompts, stops, settings["max_gen_toks"]), strict=True):
+                text = postprocess_generated_text(self.tok_decode(tokens), stop=stops, think_end_token=None)
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", (context, all_settings[0]), text)
+                progress.update(1)
+        progress.close()
+        return collator.get_original(results)
+
+    def _greedy(self, prompts: list[list[int]], stops: list[str], max_new_tokens: int) -> list[list[int]]:
+        """New tokens of each prompt, until the end-of-text token, a stop sequence or ``max_new_tokens``."""
+        generated: list[list[int]] = [[] for _ in prompts]
+        active = list(range(len(prompts)))
+        for _ in range(max_new_tokens):
+            if not active:
+                break
+            # Without a key/value cache each step re-reads the prefix, at most max_seq_len tokens of it.
+            inputs = [(prompts[i] + generated[i])[-self.max_length :] for i in active]
+            logits_BSV = self._forward(inputs)
+            lengths = torch.tensor([len(row) for row in inputs], device=logits_BSV.device)
+            next_tokens = logits_BSV[torch.arange(len(inputs), device=logits_BSV.device), lengths - 1].argmax(-1)
+            still_active = []
+            for i, token in zip(active, next_tokens.tolist(), strict=True):
+                generated[i].append(token)
+                if token == self.eot_token_id:
+                    continue
+                text = self.tok_decode(generated[i])
+                if not any(stop and stop in text for stop in stops):
+                    still_active.append(i)
+            active = still_active
+        return generated
+
+    def _quiet(self, disable_tqdm: bool) -> bool:
+        return disable_tqdm or not self.show_progress or self.rank != 0
+
+    # ---------------------------------------------------------------- model calls
+
+    @torch.no_grad()
+    def _forward(self, rows: list[list[int]]) -> Tensor:
+        """Logits (B, S, V) of right-padded token rows; positions past a row's length are padding."""
+        width = max(len(row) for row in rows)
+        tokens_BS = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
+        for index, row in enumerate(rows):
+            tokens_BS[index, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        tokens_BS = tokens_BS.to(self._device, non_blocking=True)
+        with torch.autocast(self._device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.model(tokens_BS).logits
+
+    # ---------------------------------------------------------------- data-parallel collectives (lm-eval's API)
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` stacked (0-d) or concatenated along dim 0."""
+        return tensor if self.world_size == 1 else collectives.all_gather_tensor(tensor)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's ``obj`` on rank ``dst`` (None on the others)."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = collectives.all_gather_object(obj)
+        return gathered if self.rank == dst else None
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            collectives.barrier()
+
+
+def _score(logprobs_NV: Tensor, continuation: list[int]) -> tuple[float, bool]:
+    """Sum of the log-probabilities of ``continuation`` in the last len(continuation) rows, and greediness."""
+    logprobs_NV = logprobs_NV[-len(continuation) :]
+    target_N = torch.as_tensor(continuation, device=logprobs_NV.device)
+    greedy = bool((logprobs_NV.argmax(dim=-1) == target_N).all())
+    return float(logprobs_NV.gather(-1, target_N.unsqueeze(-1)).sum()), greedy
