@@ -7,7 +7,8 @@ Both answer the requests of the shipped offline tasks, built once by lm-eval: th
 ``loglikelihood_rolling`` requests of ``shakespeare_perplexity`` (``--limit`` documents each), plus greedy
 ``generate_until`` requests (each next-line context, up to ``--max_gen_toks`` tokens or a line break). The two
 models run alternately, the first of each pair swapping every repeat, so machine noise hits both alike; the
-ratio is of median times. Tokens per second count every token fed to the model (context and continuation,
+ratios are of median wall times and of median process CPU times (the latter less disturbed by other jobs
+sharing the machine). Tokens per second count every token fed to the model (context and continuation,
 after truncation to the context window) for scoring, and the generated tokens for generation.
 
     python benchmarks/eval_throughput.py --out benchmarks/results/eval_throughput.json
@@ -60,6 +61,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--generations", type=int, default=32, help="generate_until requests")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each model (alternating)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--workloads",
+        type=lambda text: text.split(","),
+        default=list(WORKLOADS),
+        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args()
 
@@ -95,11 +102,12 @@ def scored_tokens(lm: SDMoELM, kind: str, requests: list[Instance]) -> int:
     return sum(len(lm.tok_encode(request.args[0])) + 1 for request in requests)
 
 
-def run_workload(lm: Any, kind: str, requests: list[Instance]) -> tuple[float, list[Any]]:
-    started = time.perf_counter()
+def run_workload(lm: Any, kind: str, requests: list[Instance]) -> tuple[float, float, list[Any]]:
+    """Wall seconds, process CPU seconds and the answers of one run of the requests."""
+    started, started_cpu = time.perf_counter(), time.process_time()
     with evaluation_mode(lm.model):
         answers = getattr(lm, kind)(requests, disable_tqdm=True)
-    return time.perf_counter() - started, answers
+    return time.perf_counter() - started, time.process_time() - started_cpu, answers
 
 
 def main() -> None:
@@ -120,15 +128,20 @@ def main() -> None:
         requests = build_requests(args.limit, args.generations, args.max_gen_toks)
         ours = models["sdmoe"]
         results: dict[str, Any] = {}
-        for workload, (_, kind) in WORKLOADS.items():
+        for workload in args.workloads:
+            if workload not in WORKLOADS:
+                raise SystemExit(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+            kind = WORKLOADS[workload][1]
             times: dict[str, list[float]] = {name: [] for name in models}
+            cpu_times: dict[str, list[float]] = {name: [] for name in models}
             answers: dict[str, list[Any]] = {}
             for repeat in range(args.repeats + 1):  # the first round warms both up and is not timed
                 order = list(models) if repeat % 2 == 0 else list(reversed(models))
                 for name in order:
-                    elapsed, answers[name] = run_workload(models[name], kind, requests[workload])
+                    elapsed, cpu, answers[name] = run_workload(models[name], kind, requests[workload])
                     if repeat:
                         times[name].append(elapsed)
+                        cpu_times[name].append(cpu)
             if kind == "generate_until":
                 tokens = sum(len(ours.tok_encode(text)) for text in answers["sdmoe"])
                 agreement = sum(a == b for a, b in zip(answers["sdmoe"], answers["hf"], strict=True))
@@ -138,12 +151,15 @@ def main() -> None:
                 second = [b if isinstance(b, float) else b[0] for b in answers["hf"]]
                 agreement = max(abs(a - b) for a, b in zip(first, second, strict=True))
             medians = {name: statistics.median(values) for name, values in times.items()}
+            cpu_medians = {name: statistics.median(values) for name, values in cpu_times.items()}
             results[workload] = {
                 "requests": len(requests[workload]),
                 "tokens": tokens,
                 "seconds": times,
+                "cpu_seconds": cpu_times,
                 "tokens_per_second": {name: tokens / median for name, median in medians.items()},
                 "speedup_sdmoe_over_hf": medians["hf"] / medians["sdmoe"],
+                "cpu_time_speedup_sdmoe_over_hf": cpu_medians["hf"] / cpu_medians["sdmoe"],
                 "agreement": (
                     {"identical_generations": agreement}
                     if kind == "generate_until"
@@ -154,7 +170,8 @@ def main() -> None:
                 f"{workload:>10} ({kind}): {len(requests[workload])} requests, {tokens} tokens; sdmoe "
                 f"{results[workload]['tokens_per_second']['sdmoe']:.0f} tok/s, hf "
                 f"{results[workload]['tokens_per_second']['hf']:.0f} tok/s, "
-                f"speed-up {results[workload]['speedup_sdmoe_over_hf']:.2f}x; {results[workload]['agreement']}"
+                f"speed-up {results[workload]['speedup_sdmoe_over_hf']:.2f}x (CPU time "
+                f"{results[workload]['cpu_time_speedup_sdmoe_over_hf']:.2f}x); {results[workload]['agreement']}"
             )
     write_result(
         {

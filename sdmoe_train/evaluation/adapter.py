@@ -5,13 +5,16 @@
 - ``loglikelihood`` of a continuation after a context: requests are sorted by length (longest first, so a
   batch holds similar lengths and pads little), batched, and scored in one forward pass each; requests that
   share all but the last continuation token share one forward pass (lm-eval's ``Collator`` groups them).
+  Only the hidden states that predict continuation tokens are projected onto the vocabulary, not every
+  position of the batch (lm-eval's ``hf`` model computes all (B, S, V) logits).
   Inputs longer than the model's ``max_seq_len`` lose tokens on the left, as in lm-eval's ``hf`` model.
 - ``loglikelihood_rolling`` (perplexity): each text is cut into lm-eval's disjoint windows of ``max_seq_len``
   tokens (the first one conditioned on the end-of-text token), every window of every text is scored in the
   same sorted batches, and a text's windows are summed.
 - ``generate_until``: greedy decoding, batched, until a stop sequence, the end-of-text token or
   ``max_gen_toks`` new tokens. The model keeps no key/value cache, so each new token runs the (at most
-  ``max_seq_len``-token) prefix again; prompts longer than that keep their last tokens.
+  ``max_seq_len``-token) prefix again, but projects only each row's last position onto the vocabulary;
+  prompts longer than that keep their last tokens.
 
 Token conventions match lm-eval's ``hf`` model on an exported checkpoint (``sdmoe-train export``), so both
 give the same numbers: texts are encoded without special tokens, an empty context is the end-of-text token
@@ -162,12 +165,15 @@ class SDMoELM(TemplateLM):
         for chunk in collator.get_batched(n=self.batch_size):
             # The last continuation token is only predicted, never fed; overlong inputs lose the left.
             inputs = [(context + continuation)[-(self.max_length + 1) : -1] for _, context, continuation in chunk]
-            logits_BSV = self._forward(inputs)
-            for (strings, context, continuation), row, logits_SV in zip(chunk, inputs, logits_BSV, strict=True):
-                scored_NV = logits_SV[len(row) - len(continuation) : len(row)]
-                logprobs_1NV = F.log_softmax(scored_NV.float(), dim=-1).unsqueeze(0)
+            # Only the positions that predict continuation tokens reach the vocabulary projection.
+            spans = [range(len(row) - len(request[2]), len(row)) for row, request in zip(inputs, chunk, strict=True)]
+            logprobs_NV = self._log_probs(inputs, spans)
+            rows_per_request = [len(span) for span in spans]
+            for (strings, context, continuation), logprobs_MV in zip(
+                chunk, logprobs_NV.split(rows_per_request), strict=True
+            ):
                 for strings_, continuation_, logprobs_ in collator.get_cache(
-                    req_str=strings, cxt_toks=context, cont_toks=continuation, logits=logprobs_1NV
+                    req_str=strings, cxt_toks=context, cont_toks=continuation, logits=logprobs_MV.unsqueeze(0)
                 ):
                     answer = _score(logprobs_[0], continuation_)
                     results.append(answer)
@@ -240,9 +246,7 @@ class SDMoELM(TemplateLM):
                 break
             # Without a key/value cache each step re-reads the prefix, at most max_seq_len tokens of it.
             inputs = [(prompts[i] + generated[i])[-self.max_length :] for i in active]
-            logits_BSV = self._forward(inputs)
-            lengths = torch.tensor([len(row) for row in inputs], device=logits_BSV.device)
-            next_tokens = logits_BSV[torch.arange(len(inputs), device=logits_BSV.device), lengths - 1].argmax(-1)
+            next_tokens = self._log_probs(inputs, [range(len(row) - 1, len(row)) for row in inputs]).argmax(-1)
             still_active = []
             for i, token in zip(active, next_tokens.tolist(), strict=True):
                 generated[i].append(token)
@@ -260,15 +264,25 @@ class SDMoELM(TemplateLM):
     # ---------------------------------------------------------------- model calls
 
     @torch.no_grad()
-    def _forward(self, rows: list[list[int]]) -> Tensor:
-        """Logits (B, S, V) of right-padded token rows; positions past a row's length are padding."""
+    def _log_probs(self, rows: list[list[int]], positions: list[range]) -> Tensor:
+        """fp32 next-token log-probabilities (N, V) at ``positions[i]`` of each row, concatenated in row order.
+
+        The rows run right-padded through the model; only the N selected hidden states are projected onto the
+        vocabulary (the (B, S, V) logits of every position would mostly be thrown away).
+        """
         width = max(len(row) for row in rows)
         tokens_BS = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
         for index, row in enumerate(rows):
             tokens_BS[index, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        tokens_BS = tokens_BS.to(self._device, non_blocking=True)
+        batch_N = torch.tensor([index for index, span in enumerate(positions) for _ in span], dtype=torch.long)
+        position_N = torch.tensor([position for span in positions for position in span], dtype=torch.long)
+        tokens_BS, batch_N, position_N = (
+            t.to(self._device, non_blocking=True) for t in (tokens_BS, batch_N, position_N)
+        )
         with torch.autocast(self._device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.model(tokens_BS).logits
+            hidden_BSD, _ = self.model.hidden_states(tokens_BS)
+            logits_NV = self.model.lm_head(hidden_BSD[batch_N, position_N])
+        return F.log_softmax(logits_NV.float(), dim=-1)
 
     # ---------------------------------------------------------------- data-parallel collectives (lm-eval's API)
 

@@ -133,6 +133,18 @@ class Transformer(nn.Module):
         Raises:
             ValueError: If the sequences are longer than ``config.max_seq_len``.
         """
+        x_BSD, moe = self.hidden_states(tokens_BS, document_ids_BS, positions_BS)
+        return TransformerOutput(self.lm_head(x_BSD), moe)
+
+    def hidden_states(
+        self, tokens_BS: Tensor, document_ids_BS: Tensor | None = None, positions_BS: Tensor | None = None
+    ) -> tuple[Tensor, MoEAux | None]:
+        """The normalised last hidden states (B, S, D) that ``lm_head`` maps to logits, and the routing record.
+
+        For callers that need logits at a few positions only (scoring continuations, greedy decoding): they
+        apply ``lm_head`` to those rows and skip most of the (B, S, V) projection. Arguments and errors as
+        in :meth:`forward`.
+        """
         seq_len = tokens_BS.shape[1]
         if seq_len > self.config.max_seq_len:
             # Not an assert: under `python -O` the model would silently train past its context length.
@@ -151,8 +163,7 @@ class Transformer(nn.Module):
             if stats is not None:
                 moe_indices.append(index)
                 moe_stats.append(stats)
-        logits = self.lm_head(self.final_norm(x_BSD))
-        return TransformerOutput(logits, MoEAux.from_layers(moe_indices, moe_stats) if moe_stats else None)
+        return self.final_norm(x_BSD), MoEAux.from_layers(moe_indices, moe_stats) if moe_stats else None
 
     def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:
         """(block index, layer) for every MoE feed-forward, in depth order."""

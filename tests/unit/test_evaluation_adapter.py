@@ -19,7 +19,7 @@ from sdmoe_train.errors import ConfigError  # noqa: E402
 from sdmoe_train.evaluation.adapter import SDMoELM  # noqa: E402
 from sdmoe_train.evaluation.isolation import evaluation_mode  # noqa: E402
 from sdmoe_train.models.config import TransformerConfig  # noqa: E402
-from sdmoe_train.models.transformer import Transformer, TransformerOutput  # noqa: E402
+from sdmoe_train.models.transformer import Transformer  # noqa: E402
 from tests.corpora import make_documents, make_tokenizer  # noqa: E402
 
 MAX_SEQ_LEN = 24
@@ -76,6 +76,16 @@ def test_loglikelihood_does_not_depend_on_batching_or_padding(model: Transformer
     for single, together in zip(one_by_one, batched, strict=True):
         assert single[0] == pytest.approx(together[0], abs=1e-5)
         assert single[1] == together[1]
+
+
+def test_only_the_scored_positions_are_projected_onto_the_vocabulary(model: Transformer, tokenizer: Tokenizer) -> None:
+    projected_rows: list[int] = []
+    model.lm_head.register_forward_hook(lambda _, inputs, __: projected_rows.append(inputs[0].shape[0]))
+    lm = SDMoELM(model, tokenizer, batch_size=8)
+    requests = [_request("loglikelihood", *pair) for pair in PAIRS if pair[0]]
+    lm.loglikelihood(requests)
+    continuation_tokens = sum(len(lm._encode_pair(*request.args)[1]) for request in requests)
+    assert projected_rows == [continuation_tokens]
 
 
 def test_a_context_longer_than_the_model_keeps_its_last_tokens(model: Transformer, tokenizer: Tokenizer) -> None:
@@ -151,18 +161,22 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tiny_config: T
 
 
 class _CountingModel(nn.Module):
-    """A stand-in language model whose greedy next token is always the last input token + 1."""
+    """A stand-in language model whose greedy next token is always the last input token + 1.
+
+    Its "hidden states" are already the logits, so its ``lm_head`` is the identity.
+    """
 
     def __init__(self, vocab_size: int, max_seq_len: int) -> None:
         super().__init__()
         self.config = TransformerConfig(vocab_size=vocab_size, max_seq_len=max_seq_len)
         self.scale = nn.Parameter(torch.ones(()))
+        self.lm_head = nn.Identity()
         self.widths: list[int] = []
 
-    def forward(self, tokens_BS: torch.Tensor) -> TransformerOutput:
+    def hidden_states(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, None]:
         self.widths.append(tokens_BS.shape[1])
         targets_BS = (tokens_BS + 1) % self.config.vocab_size
-        return TransformerOutput(F.one_hot(targets_BS, self.config.vocab_size).float() * self.scale, None)
+        return F.one_hot(targets_BS, self.config.vocab_size).float() * self.scale, None
 
 
 def _generate(lm: SDMoELM, prompts: list[str], **settings: object) -> list[str]:
