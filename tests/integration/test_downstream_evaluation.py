@@ -54,15 +54,24 @@ def _recipe_with(run: TinyRun, tmp_path: Path, callbacks: list[dict[str, Any]], 
     return path
 
 
-def _logged(metrics_csv: Path) -> dict[str, dict[int, float]]:
+def _logged(*metrics_csvs: Path) -> dict[str, dict[int, float]]:
+    """eval/ metrics by step over the given CSV logs (e.g. every attempt of a resumed run); none twice."""
     values: dict[str, dict[int, float]] = {}
-    with metrics_csv.open() as stream:
-        for row in csv.DictReader(stream):
-            for name, value in row.items():
-                if name.startswith("eval/") and value:
-                    assert int(row["step"]) not in values.setdefault(name, {}), f"{name} logged twice"
-                    values[name][int(row["step"])] = float(value)
+    for metrics_csv in metrics_csvs:
+        with metrics_csv.open() as stream:
+            for row in csv.DictReader(stream):
+                for name, value in row.items():
+                    if name.startswith("eval/") and value:
+                        assert int(row["step"]) not in values.setdefault(name, {}), f"{name} logged twice"
+                        values[name][int(row["step"])] = float(value)
     return values
+
+
+def _attempt_logs(run_dir: Path) -> list[Path]:
+    """The CLI's per-attempt CSV logs of a run directory, oldest first."""
+    logs = sorted(run_dir.glob("logs/version_*/metrics.csv"), key=lambda path: int(path.parent.name.split("_")[1]))
+    assert logs, f"no CSV log under {run_dir / 'logs'}"
+    return logs
 
 
 def test_the_callback_logs_every_task_metric_to_every_logger_at_its_steps_and_at_the_end(
@@ -128,11 +137,6 @@ def _subprocess_recipe(tmp_path: Path, run: TinyRun, devices: int, with_callback
     recipe_path = write_tiny_recipe(tmp_path, max_steps=9, devices=devices, every_n_steps=2)
     recipe = yaml.safe_load(recipe_path.read_text())
     recipe["model"]["arch"]["moe"]["capacity_factor"] = 1.0
-    run_dir = recipe["trainer"]["default_root_dir"]
-    recipe["trainer"]["logger"] = {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": run_dir, "name": "logs", "version": ""},
-    }
     if with_callback:
         recipe["trainer"]["callbacks"].append(_callback(run, every_n_steps=3, limit=3, **settings))
     recipe_path.write_text(yaml.safe_dump(recipe))
@@ -153,7 +157,7 @@ def test_training_losses_are_bitwise_the_same_with_the_callback_and_after_a_resu
     log = tmp_path / "evaluated.log"
     assert run_fit(evaluated, log) == 0, log.read_text()[-3000:]
     assert final_losses(tmp_path / "evaluated" / "run" / "losses_rank0.txt") == expected
-    logged = _logged(tmp_path / "evaluated" / "run" / "logs" / "metrics.csv")
+    logged = _logged(*_attempt_logs(tmp_path / "evaluated" / "run"))
     assert sorted(logged) == sorted(METRICS) and all(sorted(steps) == [3, 6, 9] for steps in logged.values())
 
     # Killed after the evaluation of step 6, resumed from the checkpoint of step 6: still the same losses.
@@ -166,8 +170,9 @@ def test_training_losses_are_bitwise_the_same_with_the_callback_and_after_a_resu
     assert max(step for step, _ in read_losses(losses)) < 9
     assert run_fit(interrupted, tmp_path / "interrupted.log") == 0, (tmp_path / "interrupted.log").read_text()[-3000:]
     assert final_losses(losses) == expected
-    logged = _logged(tmp_path / "interrupted" / "run" / "logs" / "metrics.csv")
-    assert all(sorted(steps) == [3, 6, 9] for steps in logged.values())  # step 6 is not evaluated again
+    resumed = _logged(_attempt_logs(tmp_path / "interrupted" / "run")[-1])
+    assert sorted(resumed) == sorted(METRICS)
+    assert all(sorted(steps) == [9] for steps in resumed.values())  # step 6 is not evaluated again
 
 
 @pytest.mark.slow
@@ -177,7 +182,7 @@ def test_rank_zero_and_split_evaluations_of_a_ddp_run_log_the_same_metrics(run: 
         recipe = _subprocess_recipe(tmp_path / distributed, run, 2, with_callback=True, distributed=distributed)
         log = tmp_path / f"{distributed}.log"
         assert run_fit(recipe, log) == 0, log.read_text()[-3000:]
-        logged[distributed] = _logged(tmp_path / distributed / "run" / "logs" / "metrics.csv")
+        logged[distributed] = _logged(*_attempt_logs(tmp_path / distributed / "run"))
     assert sorted(logged["split"]) == sorted(METRICS)
     for name, values in logged["split"].items():
         assert sorted(values) == [3, 6, 9]
