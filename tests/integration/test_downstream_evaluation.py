@@ -137,6 +137,7 @@ def _subprocess_recipe(tmp_path: Path, run: TinyRun, devices: int, with_callback
     recipe_path = write_tiny_recipe(tmp_path, max_steps=9, devices=devices, every_n_steps=2)
     recipe = yaml.safe_load(recipe_path.read_text())
     recipe["model"]["arch"]["moe"]["capacity_factor"] = 1.0
+    recipe["trainer"]["logger"] = True  # the CLI's CSV logger: <run dir>/logs/version_N/, one per attempt
     if with_callback:
         recipe["trainer"]["callbacks"].append(_callback(run, every_n_steps=3, limit=3, **settings))
     recipe_path.write_text(yaml.safe_dump(recipe))
