@@ -23,6 +23,7 @@ from sdmoe_train.moe.sdmoe import (
     merge_spectral_decoupling,
     project_gradients,
     refresh_bases,
+    register_gradient_projection_hooks,
     strict_update_reference,
 )
 from sdmoe_train.moe.spectral import (
@@ -181,6 +182,25 @@ def test_project_gradients_splits_every_decomposed_gradient_of_a_model() -> None
             torch.testing.assert_close(common.grad + unique.grad.sum(0), raw_common, atol=1e-6, rtol=1e-5)
 
 
+def test_projection_hooks_give_the_gradients_of_backward_then_projection() -> None:
+    # The DeepSpeed path projects each micro-batch's gradient inside backward; two micro-batches
+    # accumulated through the hooks must equal the plain accumulated gradients projected once.
+    hooked, plain = _model(), _model()
+    plain.load_state_dict(hooked.state_dict())
+    handles = register_gradient_projection_hooks(hooked)
+    for seed in (0, 1):
+        _backward(hooked, seed)
+        _backward(plain, seed)
+    project_gradients(plain)
+    for (name, a), (_, b) in zip(hooked.named_parameters(), plain.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+    bank = decoupled_banks(hooked)[0]
+    _, unique, left, _ = bank.parts("gate")
+    assert (left.T @ unique.grad).abs().max() < 1e-5 * unique.grad.abs().max()
+    for handle in handles:
+        handle.remove()
+
+
 # --- strict mode -------------------------------------------------------------------------------------
 
 
@@ -260,6 +280,25 @@ def test_refresh_is_deterministic(svd: str) -> None:
         refresh_bases(model)
     for (name, a), (_, b) in zip(first.named_buffers(), second.named_buffers(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_each_lowrank_refresh_draws_a_fresh_sketch_per_layer_and_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sdmoe_train.moe.sdmoe as sdmoe_module
+
+    seeds: list[int] = []
+
+    def recording(matrix: Tensor, rank: int, method: str, generator: torch.Generator | None = None):
+        seeds.append(generator.initial_seed())
+        return top_singular_bases(matrix, rank, method, generator)
+
+    monkeypatch.setattr(sdmoe_module, "top_singular_bases", recording)
+    model = _model(svd="lowrank", refresh_every=1)
+    banks = len(decoupled_banks(model))
+    finish_optimizer_step(model, None)
+    first = seeds[:]
+    finish_optimizer_step(model, None)
+    assert len(first) == banks * len(MATRIX_TYPES) == len(set(first)), "one sketch per layer and matrix"
+    assert not set(first) & set(seeds[len(first) :]), "the second refresh reused a sketch of the first"
 
 
 def test_lowrank_bases_match_the_full_svd_on_a_large_matrix_with_a_gap() -> None:
