@@ -600,6 +600,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = presets.tiny_qwen_moe()
     config.n_layers, config.vocab_size, config.max_seq_len = 1, 64, 32
     module = PretrainModule(config)
+    module.configure_model()  # the weights exist only once materialised (built on the meta device)
     checkpoint = {
         "state_dict": module.state_dict(),
         "hyper_parameters": dict(module.hparams),

@@ -144,6 +144,8 @@ def test_re_export_refuses_a_non_empty_directory_and_overwrite_leaves_no_stale_w
     from sdmoe_train.interop.hf.driver import import_model
 
     first, second = PretrainModule(_config("tiny_qwen_moe")), PretrainModule(_config("tiny_qwen_moe"))
+    first.configure_model()
+    second.configure_model()
     tokenizer = tmp_path / "tokenizer.json"
     Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="a")).save(str(tokenizer))
     out = tmp_path / "hf"
@@ -184,6 +186,7 @@ def test_re_import_refuses_a_non_empty_directory_and_overwrite_replaces_the_impo
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     module = PretrainModule(_config("tiny_qwen_moe"))
+    module.configure_model()
     main(["export", str(_save(module, tmp_path / "last.ckpt")), str(tmp_path / "hf")])
     main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
     (tmp_path / "imported" / "tokenizer.json").write_text("{}")  # an earlier import's tokenizer

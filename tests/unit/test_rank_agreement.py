@@ -37,6 +37,7 @@ def _module(strategy: _TwoRankStrategy, world_size: int = 2) -> PretrainModule:
     arch.vocab_size, arch.n_layers, arch.max_seq_len = 64, 2, 16
     arch.moe.bias_update_rate = 0.01
     module = PretrainModule(arch, OptimConfig(warmup_steps=1, schedule="constant"))
+    module.configure_model()
     module._trainer = SimpleNamespace(strategy=strategy, world_size=world_size, global_step=0)
     module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     return module
