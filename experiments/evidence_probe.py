@@ -268,8 +268,3 @@ class MechanismProbe(L.Callback):
                     1.0 - float(touching_share(common_MN.unsqueeze(0), left_MK, right_NK))
                 )
         return {f"probe/refresh/{name}": sum(v) / len(v) for name, v in values.items()}
-
-
-def chance_overlap(dimension: int, rank: int) -> float:
-    """Expected ``sim`` of two independent uniformly random r-dimensional subspaces of R^m: exactly r/m."""
-    return rank / dimension

@@ -8,6 +8,8 @@ into a complete ``sdmoe-train fit`` recipe.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -185,16 +187,24 @@ class Layout:
     """Run directories, summary, figures and table."""
     data_dir: Path
     """Corpus, tokenizer and token cache."""
+    train_patterns: tuple[str, ...] = ()
+    """Train on these files (paths or globs, .jsonl/.txt) instead of the study corpus; held-out files stay."""
 
     @property
     def tokenizer(self) -> Path:
-        return self.data_dir / "bpe.json"
+        if not self.train_patterns:
+            return self.data_dir / "bpe.json"
+        # Another training corpus gets its own tokenizer, trained on it.
+        digest = hashlib.sha256(json.dumps(sorted(self.train_patterns)).encode()).hexdigest()[:12]
+        return self.data_dir / f"bpe-{digest}.json"
 
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
 
     def train_files(self) -> list[Path]:
+        if self.train_patterns:
+            return [Path(pattern) for pattern in self.train_patterns]
         return [self.data_dir / "train" / "kjv.jsonl", self.data_dir / "train" / "shakespeare.jsonl"]
 
     def run_dir(self, arm: Arm, seed: int) -> Path:

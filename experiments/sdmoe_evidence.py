@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--monitor-every", type=int, default=None, help="steps between spectral measurements")
     parser.add_argument("--accelerator", default=None, help="Lightning accelerator (cpu, gpu)")
     parser.add_argument("--precision", default=None, help="Lightning precision (32-true, bf16-mixed)")
+    parser.add_argument(
+        "--train-files",
+        nargs="+",
+        default=None,
+        help="train on these .jsonl/.txt files or globs instead of the study corpus (larger runs need more text)",
+    )
     parser.add_argument("--docs-dir", type=Path, default=None, help="also copy summary.json and figures here")
     args = parser.parse_args(argv)
     unknown = set(args.stages.split(",")) - set(STAGES)
@@ -120,7 +126,7 @@ def configure(args: argparse.Namespace) -> tuple[Study, Layout, list[Arm]]:
     if study.warmup_steps >= study.steps:
         raise SystemExit(f"--steps={study.steps} must exceed the {study.warmup_steps} warmup steps")
     arms = [arm for arm in ARMS if args.arms is None or arm.name in args.arms.split(",")]
-    return study, Layout(args.out_dir, args.data_dir), arms
+    return study, Layout(args.out_dir, args.data_dir, tuple(args.train_files or ())), arms
 
 
 def prepare(study: Study, layout: Layout) -> None:

@@ -12,6 +12,7 @@ import torch
 from evidence_probe import complement_part, matrix_structure, pair_overlaps, touching_share
 from evidence_report import chance_levels, first_crossing, spread
 from evidence_study import ARMS, Layout, Study, run_recipe
+from sdmoe_evidence import configure, parse_args
 
 from sdmoe_train.data.config import DataConfig
 from sdmoe_train.errors import ConfigError
@@ -163,3 +164,29 @@ def test_spread_is_mean_and_half_range_of_finite_values() -> None:
     result = spread([1.0, 3.0, float("nan")])
     assert (result["mean"], result["half_range"]) == (2.0, 1.0)
     assert math.isnan(spread([float("nan")])["mean"])
+
+
+def test_another_training_corpus_gets_its_own_tokenizer_and_keeps_the_heldout_files(tmp_path: Path) -> None:
+    default = Layout(tmp_path / "out", tmp_path / "data")
+    custom = Layout(tmp_path / "out", tmp_path / "data", ("corpus/*.jsonl",))
+    assert custom.tokenizer != default.tokenizer and custom.tokenizer.parent == default.tokenizer.parent
+    recipe = run_recipe(Study(), custom, ARMS[0], seed=1)
+    assert recipe["data"]["corpus"]["data_files"] == [str(Path("corpus/*.jsonl").resolve())]
+    assert recipe["data"]["corpus"]["tokenizer"] == str(custom.tokenizer.resolve())
+
+
+def test_command_line_scales_the_study_and_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    study, layout, arms = configure(parse_args(["--scale", "gpu", "--steps", "500", "--arms", "baseline,sdmoe"]))
+    assert (study.arch["hidden_dim"], study.arch["moe"]["expert_hidden_dim"], study.steps) == (512, 1024, 500)
+    assert (study.precision, study.accelerator) == ("bf16-mixed", "gpu")
+    assert [arm.name for arm in arms] == ["baseline", "sdmoe"]
+    assert configure(parse_args(["--seq-len", "512"]))[0].arch["max_seq_len"] == 512
+    for flags, message in (
+        (["--arms", "baseline,bogus"], "--arms='baseline,bogus' names ['bogus']"),
+        (["--stages", "train,plot"], "--stages='train,plot' names ['plot']"),
+        (["--parallel", "0"], "--parallel=0 must be >= 1"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(flags)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
