@@ -66,8 +66,8 @@ ARMS: tuple[Arm, ...] = (
     Arm(
         "sdmoe_tracking",
         "SD-MoE + tracking bases",
-        "new options: bases from the experts' mean proxy (bases_from: mean_proxy) plus re-projection",
-        _sdmoe(reproject_unique=True, bases_from="mean_proxy"),
+        "new options: bases from the directions all experts use most (bases_from: experts) plus re-projection",
+        _sdmoe(reproject_unique=True, bases_from="experts"),
     ),
     Arm("baseline_lr4x", "baseline MoE, 4x lr", "paper: the baseline diverges at 4x the learning rate", None, 4.0),
     Arm("sdmoe_lr4x", "SD-MoE k=8, 4x lr", "paper: SD-MoE stays stable at 4x the learning rate", _sdmoe(), 4.0),

@@ -167,7 +167,7 @@ def _assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torc
             assert torch.equal(actual[name], tensor), name
 
 
-# The options that re-project W_u and take the bases from the mean proxy average over all experts at every
+# The options that re-project W_u and take the bases from all experts' proxies average over the experts at every
 # refresh: every rank must compute the same bases and fold identically.
 @pytest.mark.parametrize(
     "options", [{}, {"reproject_unique": True, "bases_from": "experts"}], ids=["paper", "tracking"]
