@@ -49,7 +49,7 @@ lint: install
 	$(PY) -m ruff format --check sdmoe_train tests benchmarks experiments
 
 demo-corpus: install
-	$(PY) -m sdmoe_train.data.demo_corpus data/shakespeare
+	$(VENV)/bin/sdmoe-train demo-corpus data/shakespeare
 
 demo: demo-corpus
 	$(VENV)/bin/sdmoe-train prepare --config $(DEMO_RECIPE)

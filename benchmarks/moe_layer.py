@@ -19,10 +19,10 @@ import torch
 from reporting import environment, write_result
 from torch import Tensor
 
-from sdmoe_train.models.config import MoEConfig
-from sdmoe_train.models.mlp import SwiGLU
+from sdmoe_train.moe.config import MoEConfig
 from sdmoe_train.moe.experts import reference_moe_forward
 from sdmoe_train.moe.layer import MoELayer
+from sdmoe_train.moe.mlp import SwiGLU
 
 
 def parse_args() -> argparse.Namespace:

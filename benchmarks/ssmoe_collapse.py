@@ -12,7 +12,7 @@ free to collapse). Four scenarios are then evaluated on held-out text:
   layer, so that expert 0 wins almost every token.
 
 For each scenario and each blend weight c in {0, 0.25, 0.5, 1} three second routers are blended with the
-learned one exactly as SSMoE blends U (spec §3, §7): ``ssmoe`` (U from the experts' singular vectors),
+learned one exactly as SSMoE blends U (docs/design/ssmoe.md §3, §7): ``ssmoe`` (U from the experts' singular vectors),
 ``uniform`` (U = 0, i.e. ``(1 − c)·p + c/E``) and ``random`` (random orthonormal rows with the norms of U).
 c = 0 is the learned router for all three. Reported per cell: load entropy / log E, dead-expert fraction and
 coefficient of variation of the expert loads (averaged over MoE layers; loads over the whole evaluation
@@ -35,10 +35,10 @@ import torch
 from reporting import environment, write_result
 from torch import Tensor
 
+from sdmoe_train.cli.ssmoe_eval import evaluate_blend
 from sdmoe_train.models.config import AttentionConfig, MoEConfig, TransformerConfig
 from sdmoe_train.models.transformer import Transformer
 from sdmoe_train.moe.ssmoe_router import SSMoEConfig, apply_spectral_routing, set_spectral_blend, spectral_routers
-from sdmoe_train.ssmoe_cli import evaluate_blend
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "data" / "shakespeare"
 BLENDS = (0.0, 0.25, 0.5, 1.0)
@@ -83,7 +83,10 @@ def load_bytes(corpus: Path) -> tuple[Tensor, Tensor]:
         train.append(data[:cut])
         val.append(data[cut:])
     if not train:
-        raise SystemExit(f"no .txt files in {corpus}; pass --corpus (e.g. /work/main/data/shakespeare)")
+        raise SystemExit(
+            f"no .txt files in {corpus}; pass --corpus, or install the demo corpus (data/shakespeare) with "
+            "`make demo-corpus`"
+        )
     return torch.from_numpy(np.concatenate(train)).long(), torch.from_numpy(np.concatenate(val)).long()
 
 

@@ -4,7 +4,7 @@
 # Runs one training task per GPU with srun (Lightning's SLURM environment gives each its rank), forwards
 # the pre-timeout signal to the tasks, and makes sure a preempted job comes back:
 #  * the tasks save at the next optimizer step, requeue the job themselves and exit 0
-#    (sdmoe_train.lightning.callbacks.PreemptionHandler);
+#    (sdmoe_train.checkpointing.preemption.PreemptionHandler);
 #  * if they died instead (the signal came before Python had installed its handler), this shell requeues.
 # The requeued job runs this script again; `fit` resumes from the newest valid checkpoint by itself.
 set -uo pipefail
@@ -44,6 +44,6 @@ if [ "$status" -ne 0 ] && [ "$signal_received" -eq 1 ]; then
     job="${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}"
     job="${job:-${SLURM_JOB_ID}}"
     # Also submits the job that releases the requeued one from its BeginTime hold; plain requeue if that fails.
-    "$PYTHON" -m sdmoe_train.preemption requeue "$job" || scontrol requeue "$job"
+    "$PYTHON" -m sdmoe_train.cli requeue "$job" || scontrol requeue "$job"
 fi
 exit "$status"

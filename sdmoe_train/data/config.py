@@ -70,7 +70,7 @@ def resolve_data_files(patterns: list[str], owner: str = "data.corpus.data_files
         if not matches:
             raise ConfigError(
                 f"{owner} entry {pattern!r} matches no file (working directory {Path.cwd()}); "
-                "fix the path or install the demo corpus with `python -m sdmoe_train.data.demo_corpus DEST`"
+                "fix the path or install the demo corpus with `sdmoe-train demo-corpus DEST`"
             )
         resolved.update(dict.fromkeys(matches))
     return list(resolved)

@@ -24,14 +24,12 @@ continued with a larger one. Validation batches are never counted.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import warnings
 from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
@@ -43,6 +41,7 @@ from sdmoe_train.data.sampler import ResumableDistributedSampler
 from sdmoe_train.data.streaming import StreamingPackedBlocks, held_out_documents
 from sdmoe_train.data.tokenizer import eos_token_id, load_tokenizer
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.parallel.gather import all_gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -292,17 +291,9 @@ class PretrainDataModule(L.LightningDataModule):
         self._stream.load_state_dict(streams[rank])
 
     def _gather_across_ranks(self, state: dict[str, Any]) -> list[dict[str, Any]]:
-        trainer = self.trainer
-        if trainer is None or trainer.world_size == 1:
+        if self.trainer is None:
             return [state]
-        strategy = trainer.strategy
-        payload = torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8)
-        # all_gather needs equal shapes, and NCCL needs device tensors.
-        lengths = strategy.all_gather(torch.tensor([len(payload)], device=strategy.root_device)).flatten()
-        padded = torch.zeros(int(lengths.max()), dtype=torch.uint8)
-        padded[: len(payload)] = payload
-        gathered = strategy.all_gather(padded.to(strategy.root_device)).cpu()
-        return [json.loads(gathered[index, : int(length)].numpy().tobytes()) for index, length in enumerate(lengths)]
+        return all_gather_objects(self.trainer, state)
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         if self.trainer is None:

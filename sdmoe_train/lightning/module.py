@@ -27,16 +27,16 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from sdmoe_train.checkpointing.model_state import model_state
+from sdmoe_train.checkpointing.run_identity import IDENTITY_KEY, check_resume_compatibility, run_identity
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
-from sdmoe_train.lightning.run_identity import IDENTITY_KEY, check_resume_compatibility, run_identity
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
-from sdmoe_train.models.transformer import MoEAux, Transformer
+from sdmoe_train.models.transformer import MoEAux, Transformer, language_model_loss
 from sdmoe_train.moe.diagnostics import load_health
 from sdmoe_train.moe.sdmoe import (
     SDMoEConfig,
@@ -56,27 +56,15 @@ from sdmoe_train.moe.ssmoe_router import (
     without_spectral_rows,
 )
 from sdmoe_train.parallel.config import ParallelConfig
+from sdmoe_train.parallel.groups import ExpertParallelGroups
 from sdmoe_train.parallel.lightning import enable_expert_parallel, expert_param_groups, uses_deepspeed
 
 # Checkpoints store the typed configs as hyper-parameters; allow them through torch.load(weights_only=True).
+# MoEConfig moved from models/config.py to moe/config.py; checkpoints written before still name the old path.
 torch.serialization.add_safe_globals(
     [TransformerConfig, AttentionConfig, MLAConfig, MoEConfig, OptimConfig, SDMoEConfig, SSMoEConfig, ParallelConfig]
+    + [(MoEConfig, "sdmoe_train.models.config.MoEConfig")]
 )
-
-
-def language_model_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
-    """Mean token cross-entropy, computed in fp32 for stability under mixed precision."""
-    return F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
-
-
-MODEL_PREFIX = "model."
-"""Checkpoint ``state_dict`` keys of the transformer start with this (the ``model`` attribute)."""
-
-
-def model_state(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
-    """The transformer's own ``state_dict`` inside a :class:`PretrainModule` checkpoint (prefix removed)."""
-    state = checkpoint.get("state_dict", {})
-    return {key.removeprefix(MODEL_PREFIX): value for key, value in state.items() if key.startswith(MODEL_PREFIX)}
 
 
 def _read_model_weights(path: str) -> dict[str, Tensor]:
@@ -104,6 +92,9 @@ def _load_model_weights(model: Transformer, weights: dict[str, Tensor], path: st
 
 class PretrainModule(L.LightningModule):
     """Next-token pretraining of an MoE (or dense) transformer.
+
+    Its callbacks see it through :class:`~sdmoe_train.lightning.contract.MoETrainingModule`: ``model``,
+    ``expert_groups``, ``last_routing`` and ``step_skipped``.
 
     Args:
         arch: the model architecture (see ``recipes/models/`` for presets).
@@ -135,7 +126,8 @@ class PretrainModule(L.LightningModule):
         self.sdmoe = sdmoe or SDMoEConfig()
         self.parallel = parallel or ParallelConfig()
         self.parallel.check_num_experts(arch.moe.num_experts if arch.moe is not None else None)
-        self.expert_groups = None
+        self.expert_groups: ExpertParallelGroups | None = None
+        """The expert-parallel layout, set in :meth:`configure_model` when ``parallel.ep_size > 1``."""
         self._gradients_projected_in_backward = False
         self.ssmoe = ssmoe or SSMoEConfig()
         if self.ssmoe.enabled and self.parallel.ep_size > 1:
@@ -156,7 +148,8 @@ class PretrainModule(L.LightningModule):
             raise ConfigError(
                 f"model.init_from={init_from!r} holds {'SD-MoE' if checkpoint_decoupled else 'plain'} expert "
                 f"weights but model.sdmoe.enabled={self.sdmoe.enabled}; SD-MoE initialises its common and unique "
-                "parts itself (spec §3), so start SD-MoE from an SD-MoE checkpoint and a plain MoE from a plain one"
+                "parts itself (docs/design/sdmoe.md §3), so start SD-MoE from an SD-MoE checkpoint and a plain MoE "
+                "from a plain one"
             )
         apply_spectral_decoupling(self.model, self.sdmoe)
         if initial_weights is not None:
@@ -247,7 +240,7 @@ class PretrainModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning 2.6.6 (`Precision._after_closure`) calls this after the closure has run the last
         # micro-batch's backward, i.e. after accumulation and after DDP's all-reduce, and right before
-        # `_clip_gradients` and the parameter update: where spec §4 puts the gradient split. Callbacks'
+        # `_clip_gradients` and the parameter update: where docs/design/sdmoe.md §4 puts the gradient split. Callbacks'
         # `on_before_optimizer_step` run just before this hook and still see the unprojected gradients.
         if self.sdmoe.enabled and not self._gradients_projected_in_backward:
             project_gradients(self.model)

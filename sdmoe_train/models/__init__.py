@@ -1,5 +1,1 @@
-"""Decoder-only MoE transformers (pure PyTorch, no Lightning or distributed code).
-
-Import from the submodules (``models.config``, ``models.transformer``, ``models.presets``): ``moe/``
-depends on ``models.config``, so this package must not import ``models.transformer`` eagerly.
-"""
+"""The single decoder-only transformer built from ``moe/`` blocks (pure PyTorch, no Lightning or distributed code)."""

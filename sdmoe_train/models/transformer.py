@@ -26,9 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from sdmoe_train.models.attention import build_attention
 from sdmoe_train.models.config import TransformerConfig
-from sdmoe_train.models.mlp import SwiGLU
 from sdmoe_train.models.rope import rotary_tables
 from sdmoe_train.moe.layer import MoELayer, MoELayerStats
+from sdmoe_train.moe.mlp import SwiGLU
 
 
 @dataclass
@@ -171,6 +171,7 @@ class Transformer(nn.Module):
             layer.router.selection_bias.zero_()
 
 
-def next_token_loss(logits_BSV: Tensor, tokens_BS: Tensor) -> Tensor:
-    """Mean cross-entropy of predicting token s+1 from positions <= s (fp32)."""
-    return F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(), tokens_BS[:, 1:].flatten())
+def language_model_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
+    """Mean token cross-entropy of logits against their targets (the next tokens), in fp32 for stability
+    under mixed precision."""
+    return F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())

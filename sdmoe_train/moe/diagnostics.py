@@ -1,4 +1,4 @@
-"""Expert-specialisation diagnostics of one MoE layer (spec ``shared/spec/sdmoe.md`` §8).
+"""Expert-specialisation diagnostics of one MoE layer (``docs/design/sdmoe.md`` §8).
 
 The SD-MoE paper (arXiv 2602.12556, §2) measures expert similarity and gradient alignment, but its formulas
 are not public; the definitions here are ours:
@@ -23,21 +23,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdmoe_train.moe.spectral import common_subspace_part
-
-SVDMethod = Literal["lowrank", "full"]
-"""How :func:`top_singular_subspaces` factorises: randomised (``lowrank``) or exact (``full``)."""
-
-_LOWRANK_OVERSAMPLING = 8
-"""Sketch columns of the randomised SVD beyond r (Halko et al. 2009 recommend 5-10)."""
-_LOWRANK_POWER_ITERATIONS = 2
-"""Subspace iterations of the randomised SVD; sharpen the top-r subspace when the spectrum decays slowly."""
+from sdmoe_train.moe.spectral import SVDMethod, common_subspace_part, top_singular_bases
 
 
 def _fp32(tensor: Tensor) -> Tensor:
@@ -49,32 +40,14 @@ def top_singular_subspaces(
 ) -> tuple[Tensor, Tensor]:
     """Orthonormal bases of every matrix's top-r left and right singular subspaces, batched over the stack.
 
-    Args:
-        matrices_EMN: a stack of matrices (any leading batch shape).
-        rank: r, at most min(M, N).
-        method: ``full`` runs one batched ``torch.linalg.svd``; ``lowrank`` a batched randomised SVD (Halko et
-            al. 2009, alg. 4.4 + 5.1: r + 8 sketch columns, 2 power iterations), which costs a few thin GEMMs
-            instead of a full factorisation (about 40x less at E = 16, 512 x 512) and is exact up to the
-            subspace's spectral gap. Its sketch comes from a generator seeded with ``seed``, never from the
-            global RNG, so measuring does not change a run's random stream.
-        seed: seed of the ``lowrank`` sketch.
+    :func:`~sdmoe_train.moe.spectral.top_singular_bases` with the ``lowrank`` sketch drawn from a generator
+    seeded with ``seed`` (never the global RNG, so measuring does not change a run's random stream).
 
     Returns:
         (left_EMR, right_ENR) in fp32 or wider.
     """
-    work_EMN = _fp32(matrices_EMN)
-    if method == "full":
-        left_EMX, _, right_adjoint_EXN = torch.linalg.svd(work_EMN, full_matrices=False)
-        return left_EMX[..., :rank], right_adjoint_EXN[..., :rank, :].transpose(-2, -1)
-    rows, columns = work_EMN.shape[-2:]
-    width = min(rank + _LOWRANK_OVERSAMPLING, rows, columns)
-    generator = torch.Generator(work_EMN.device).manual_seed(seed)
-    sketch_NQ = torch.randn(columns, width, generator=generator, device=work_EMN.device, dtype=work_EMN.dtype)
-    range_EMQ = torch.linalg.qr(work_EMN @ sketch_NQ).Q
-    for _ in range(_LOWRANK_POWER_ITERATIONS):
-        range_EMQ = torch.linalg.qr(work_EMN @ torch.linalg.qr(work_EMN.transpose(-2, -1) @ range_EMQ).Q).Q
-    small_left_EQQ, _, right_adjoint_EQN = torch.linalg.svd(range_EMQ.transpose(-2, -1) @ work_EMN, full_matrices=False)
-    return range_EMQ @ small_left_EQQ[..., :rank], right_adjoint_EQN[..., :rank, :].transpose(-2, -1)
+    generator = torch.Generator(matrices_EMN.device).manual_seed(seed) if method == "lowrank" else None
+    return top_singular_bases(matrices_EMN, rank, method, generator)
 
 
 def subspace_similarity(bases_EMR: Tensor) -> Tensor:

@@ -10,9 +10,17 @@ other than bf16 on sm80+), the bank runs one GEMM per expert on contiguous slice
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sdmoe_train.moe.mlp import swiglu
+
+MatrixType = Literal["gate", "up", "down"]
+"""The three matrices of a SwiGLU expert: gate and up (F x D), down (D x F)."""
+MATRIX_TYPES: tuple[MatrixType, ...] = ("gate", "up", "down")
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -56,14 +64,14 @@ def grouped_linear(x_ND: Tensor, weight_EOI: Tensor, tokens_per_expert_E: Tensor
 class ExpertBank(nn.Module):
     """E routed SwiGLU experts as three stacked weight banks (E × out × in per matrix).
 
-    Each matrix type runs as its own grouped GEMM. Concatenating gate and up into one (E, 2F, D) bank would
-    save one (N, D) input-gradient GEMM, but it costs a copy of both banks every forward and, on CPU, a
-    weight-gradient GEMM that is slower than the two halves together (A/B in one process on the expert
-    shape of ``benchmarks/sdmoe_overhead.py``'s mid-size model, E = 16, D = F = 512, 2048 routed rows,
-    2 threads: fwd+bwd 57 ms separate vs 69 ms concatenated; equal within noise at
-    ``benchmarks/moe_layer.py``'s 64 experts of width 128).
+    Each matrix type runs as its own grouped GEMM. Gate and up are not concatenated into one (E, 2F, D)
+    bank: that would save one (N, D) input-gradient GEMM but copy both banks every forward, and on CPU its
+    wider weight-gradient GEMM is slower than the two halves (measurements: ``benchmarks/README.md``).
 
-    Subclasses that reparameterise the experts (SD-MoE) override :meth:`expert_weights`.
+    What callers read of a bank goes through methods, so that they need not know how it is parameterised:
+    :meth:`applied_weight` (the weights tokens see), :meth:`applied_weight_grad`, and for SD-MoE banks
+    :meth:`unique_part` and :meth:`common_bases` (None here). Subclasses that reparameterise the experts
+    (SD-MoE) override :meth:`expert_weights` and those methods.
     """
 
     def __init__(self, num_experts: int, hidden_dim: int, expert_hidden_dim: int) -> None:
@@ -76,6 +84,22 @@ class ExpertBank(nn.Module):
     def expert_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """The (gate, up, down) banks actually applied to tokens."""
         return self.gate_proj, self.up_proj, self.down_proj
+
+    def applied_weight(self, matrix: MatrixType) -> Tensor:
+        """The (E, M, N) weights of one matrix type as applied to tokens."""
+        return getattr(self, f"{matrix}_proj")
+
+    def applied_weight_grad(self, matrix: MatrixType) -> Tensor | None:
+        """The gradient of :meth:`applied_weight` as autograd left it (None before the first backward)."""
+        return getattr(self, f"{matrix}_proj").grad
+
+    def unique_part(self, matrix: MatrixType) -> Tensor | None:
+        """The per-expert unique parts W_u (E, M, N) of a spectrally decoupled matrix type; None here."""
+        return None
+
+    def common_bases(self, matrix: MatrixType) -> tuple[Tensor, Tensor] | None:
+        """(U_k (M, k), V_k (N, k)) of a spectrally decoupled matrix type's common subspace; None here."""
+        return None
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor, weights_N: Tensor | None = None) -> Tensor:
         """Run every expert on its slice of the expert-sorted rows.
@@ -92,7 +116,7 @@ class ExpertBank(nn.Module):
         """
         gate_EFD, up_EFD, down_EDF = self.expert_weights()
         gate_NF = grouped_linear(x_ND, gate_EFD, tokens_per_expert_E)
-        hidden_NF = F.silu(gate_NF) * grouped_linear(x_ND, up_EFD, tokens_per_expert_E)
+        hidden_NF = swiglu(gate_NF, grouped_linear(x_ND, up_EFD, tokens_per_expert_E))
         if weights_N is not None:
             hidden_NF = hidden_NF * weights_N.unsqueeze(-1).to(hidden_NF.dtype)
         return grouped_linear(hidden_NF, down_EDF, tokens_per_expert_E)
@@ -100,7 +124,7 @@ class ExpertBank(nn.Module):
     def run_expert(self, expert: int, x_RD: Tensor) -> Tensor:
         """Apply one expert to R rows with plain matmuls (used by the reference loop)."""
         gate_EFD, up_EFD, down_EDF = self.expert_weights()
-        hidden_RF = F.silu(x_RD @ gate_EFD[expert].T) * (x_RD @ up_EFD[expert].T)
+        hidden_RF = swiglu(x_RD @ gate_EFD[expert].T, x_RD @ up_EFD[expert].T)
         return hidden_RF @ down_EDF[expert].T
 
 

@@ -4,16 +4,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from sdmoe_train.models.config import MoEConfig
-from sdmoe_train.models.mlp import SwiGLU
+from sdmoe_train.moe.config import MoEConfig
 from sdmoe_train.moe.dispatch import Dispatcher, LocalDispatcher, expert_capacity
 from sdmoe_train.moe.experts import ExpertBank
 from sdmoe_train.moe.losses import load_balance_loss, router_z_loss, sequence_balance_loss
+from sdmoe_train.moe.mlp import SwiGLU
 from sdmoe_train.moe.router import Router, RoutingDecision
 
 
@@ -103,3 +105,21 @@ class MoELayer(nn.Module):
             tokens_per_expert_E=tokens_per_expert_E,
             dropped_fraction=dropped.float(),
         )
+
+
+class InitScale(Protocol):
+    """The initialisation settings of a model that reparameterisations (SD-MoE) must reproduce."""
+
+    init_std: float
+    n_layers: int
+
+
+class MoEModel(Protocol):
+    """What the model-wide functions of ``moe/`` (SD-MoE, SSMoE) need of a model, without importing ``models/``."""
+
+    @property
+    def config(self) -> InitScale: ...
+
+    def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:
+        """(block index, layer) for every MoE feed-forward, in depth order."""
+        ...

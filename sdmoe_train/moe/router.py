@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdmoe_train.models.config import MoEConfig
+from sdmoe_train.moe.config import MoEConfig
 
 
 @dataclass
@@ -103,6 +103,13 @@ class Router(nn.Module):
         keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_groups_TG, True)
         masked_TGe = grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf"))
         return masked_TGe.view(num_tokens, -1)
+
+    def diagnostics(self) -> dict[str, Tensor]:
+        """Router-specific statistics for the routing monitor (metric name to 0-dim tensor); none here.
+
+        Routers that do more than the learned gate (SSMoE's spectral router) report theirs.
+        """
+        return {}
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert_E: Tensor) -> None:

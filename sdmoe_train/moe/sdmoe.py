@@ -1,10 +1,11 @@
-"""SD-MoE: spectral decoupling of routed-expert weights (arXiv 2602.12556; spec ``shared/spec/sdmoe.md``).
+"""SD-MoE: spectral decoupling of routed-expert weights (arXiv 2602.12556; docs/design/sdmoe.md).
 
 Every decomposed matrix type of a layer's routed experts becomes one common part ``W_c`` shared by all E
 experts plus E unique parts ``W_u[i]`` kept in the orthogonal complement of the top-k singular subspaces
-(``U_k``, ``V_k``) of ``W_c``; the expert applied to a token is the proxy ``W_c + W_u[i]`` (spec §2). This
-file owns the configuration, the expert bank and the per-step protocol; the matrix algebra lives in
-:mod:`sdmoe_train.moe.spectral`. The training loop calls, once per optimizer step::
+(``U_k``, ``V_k``) of ``W_c``; the expert applied to a token is the proxy ``W_c + W_u[i]``
+(docs/design/sdmoe.md §2). This file owns the configuration, the expert bank and the per-step protocol;
+the matrix algebra lives in :mod:`sdmoe_train.moe.spectral`. The training loop calls, once per optimizer
+step::
 
     project_gradients(model)                  # after accumulation + DP all-reduce, before clipping (§4)
     reference = strict_update_reference(model) # before the step; None unless strict
@@ -13,13 +14,10 @@ file owns the configuration, the expert bank and the per-step protocol; the matr
 
 and :func:`merge_spectral_decoupling` turns the model back into a plain MoE for inference and export (§6).
 
-Why the split runs once per step on the gradients and not inside the expert GEMMs' backward: projecting
-the activations there (``dy (I − P_U)`` and ``x (I − P_V)`` make the grouped weight GEMM return G_u
-directly, and W_c's gradient follows from k-wide coefficients) was prototyped on the expert shape of
-``benchmarks/sdmoe_overhead.py``'s mid-size model (E = 16, 512 × 512, 2048 routed rows, CPU): +7.5 ms
-per bank against +11.6 ms for proxies plus the post-step split. But its cost grows with every
-micro-batch's tokens while the split is paid once per optimizer step, so it loses from about 4k tokens
-per step, and under bf16 autocast it could only stay in fp32 by running the weight GEMM in fp32.
+The split runs once per optimizer step on the accumulated gradients, not inside the expert GEMMs'
+backward: projecting there would cost work in proportion to every micro-batch's tokens (the per-step
+split does not grow with the batch) and, under bf16 autocast, could only stay in fp32 by running the
+weight GEMM in fp32 (docs/design/sdmoe.md; measurements in benchmarks/README.md).
 """
 
 # Shape key: E experts, M matrix rows (out), N matrix columns (in), K common rank, D model width,
@@ -30,14 +28,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.moe.experts import ExpertBank
-from sdmoe_train.moe.layer import MoELayer
+from sdmoe_train.moe.experts import MATRIX_TYPES, ExpertBank, MatrixType
+from sdmoe_train.moe.layer import MoELayer, MoEModel
 from sdmoe_train.moe.spectral import (
     UpdateReference,
     fold_touching_parts_,
@@ -48,12 +46,6 @@ from sdmoe_train.moe.spectral import (
     top_singular_bases,
     update_reference,
 )
-
-if TYPE_CHECKING:
-    from sdmoe_train.models.transformer import Transformer
-
-MatrixType = Literal["gate", "up", "down"]
-MATRIX_TYPES: tuple[MatrixType, ...] = ("gate", "up", "down")
 
 
 @dataclass(kw_only=True)
@@ -75,7 +67,7 @@ class SDMoEConfig:
     bases_from: Literal["common", "experts"] = "common"
     """Refresh U_k, V_k from W_c (the paper) or from the subspaces all E proxies use most (not in the paper)."""
     svd: Literal["full", "lowrank"] = "full"
-    """Basis refresh by full torch.linalg.svd, or a seeded randomised SVD (30x cheaper at 512x512 on CPU)."""
+    """Basis refresh by full torch.linalg.svd, or a seeded randomised SVD (much cheaper; benchmarks/README.md)."""
     seed: int = 0
     """Seed of the spectral initialisation and of the randomised-SVD sketches."""
 
@@ -108,7 +100,7 @@ def _derived_seed(*parts: int) -> int:
 
 
 class DecoupledExpertBank(ExpertBank):
-    """Routed experts whose decomposed matrices are ``W_c + W_u[i]`` (spec §2), same dispatch path as the base.
+    """Routed experts whose decomposed matrices are ``W_c + W_u[i]`` (§2), same dispatch path as the base.
 
     For each decomposed type t (``gate``/``up``/``down``) it holds the parameters ``{t}_proj_common``
     (M, N) and ``{t}_proj_unique`` (E, M, N) and the persistent buffers ``{t}_proj_left_basis`` (M, k) and
@@ -117,19 +109,16 @@ class DecoupledExpertBank(ExpertBank):
     happens, and the randomised-SVD sketch is seeded from (seed, layer, type, refresh index), so it needs no
     saved generator state.
 
-    Proxy construction, chosen by measurement (``benchmarks/sdmoe_overhead.py``, mid-size config: E = 16,
-    D = F = 512, 8192 routed rows, 2 CPU threads; fwd+bwd of one bank, medians): plain bank 213 ms,
-    broadcast ``W_c + W_u`` proxies 219 ms (+2.5 %), ``x @ W_cᵀ`` once over all routed rows plus a grouped
-    GEMM on W_u 413 ms (+94 %). The proxy costs E·M·N element-wise work per matrix (and an E-way sum for
-    W_c's gradient; autograd hands W_u the proxy's gradient buffer itself, no copy); the shared GEMM costs
-    2·rows·M·N FLOPs per matrix forward and twice that backward, so it loses whenever routed rows outnumber
-    experts. Writing the proxies into persistent buffers would keep a second copy of every routed expert
-    alive (fp32; tens of GB at the paper's 7B scale) and buys nothing under CUDA's caching allocator, so they
-    stay ordinary temporaries (on CPU see the allocator tip in the README).
+    The proxies are built by a broadcast add ``W_c + W_u`` every forward and are ordinary temporaries:
+    computing ``x @ W_cᵀ`` once over all routed rows plus a grouped GEMM on W_u costs 2·rows·M·N FLOPs per
+    matrix and loses whenever routed rows outnumber experts, and keeping the proxies in persistent buffers
+    would hold a second copy of every routed expert (fp32; tens of GB at the paper's 7B scale) for no gain
+    under CUDA's caching allocator (on CPU see the allocator tip in the README). Autograd hands W_u the
+    proxy's gradient buffer itself, so no copy is made. Measurements: ``benchmarks/README.md``.
     """
 
     def __init__(self, base: ExpertBank, config: SDMoEConfig, init_stds: dict[MatrixType, float], layer_index: int):
-        """Decouple ``base`` with a fresh spectral initialisation (spec §3).
+        """Decouple ``base`` with a fresh spectral initialisation (§3).
 
         Args:
             base: the plain bank; banks of types that are not decomposed are taken over unchanged.
@@ -173,6 +162,26 @@ class DecoupledExpertBank(ExpertBank):
             return getattr(self, f"{matrix}_proj")
         return getattr(self, f"{matrix}_proj_common") + getattr(self, f"{matrix}_proj_unique")
 
+    def applied_weight(self, matrix: MatrixType) -> Tensor:
+        """The proxies ``W_c + W_u[i]`` (E, M, N); the plain bank for a type that is not decomposed."""
+        return self.proxy(matrix)
+
+    def applied_weight_grad(self, matrix: MatrixType) -> Tensor | None:
+        """Gradient of the proxies: W_u's gradient, which autograd makes equal to it (before the §4 split)."""
+        if matrix in self.decomposed:
+            return getattr(self, f"{matrix}_proj_unique").grad
+        return getattr(self, f"{matrix}_proj").grad
+
+    def unique_part(self, matrix: MatrixType) -> Tensor | None:
+        """W_u (E, M, N) of a decomposed matrix type; None for a type kept as a plain bank."""
+        return getattr(self, f"{matrix}_proj_unique") if matrix in self.decomposed else None
+
+    def common_bases(self, matrix: MatrixType) -> tuple[Tensor, Tensor] | None:
+        """(U_k (M, k), V_k (N, k)) of a decomposed matrix type; None for a type kept as a plain bank."""
+        if matrix not in self.decomposed:
+            return None
+        return getattr(self, f"{matrix}_proj_left_basis"), getattr(self, f"{matrix}_proj_right_basis")
+
     def parts(self, matrix: MatrixType) -> tuple[nn.Parameter, nn.Parameter, Tensor, Tensor]:
         """(W_c (M, N), W_u (E, M, N), U_k (M, k), V_k (N, k)) of a decomposed matrix type."""
         prefix = f"{matrix}_proj"
@@ -191,7 +200,7 @@ class DecoupledExpertBank(ExpertBank):
         return self._steps_mirror
 
     def count_step(self) -> bool:
-        """Count one optimizer step; refresh the bases when it completes a refresh interval (spec §5).
+        """Count one optimizer step; refresh the bases when it completes a refresh interval (§5).
 
         Returns:
             Whether the bases were refreshed.
@@ -206,7 +215,7 @@ class DecoupledExpertBank(ExpertBank):
 
     @torch.no_grad()
     def refresh_bases(self) -> None:
-        """Recompute U_k, V_k as the top-k singular vectors of the current W_c (spec §5).
+        """Recompute U_k, V_k as the top-k singular vectors of the current W_c (§5).
 
         W_c and W_u stay as they are (the paper's rule), unless ``reproject_unique`` is set: then every W_u[i]
         is projected onto the new bases' complement and the mean of the removed parts is added to W_c
@@ -244,7 +253,7 @@ class DecoupledExpertBank(ExpertBank):
 
     @torch.no_grad()
     def merged(self) -> ExpertBank:
-        """A plain :class:`ExpertBank` whose banks are the proxies ``W_c + W_u[i]`` (spec §6)."""
+        """A plain :class:`ExpertBank` whose banks are the proxies ``W_c + W_u[i]`` (§6)."""
         gate_EFD, up_EFD, down_EDF = (proxy.detach().clone() for proxy in self.expert_weights())
         with torch.device("meta"):
             bank = ExpertBank(self.num_experts, hidden_dim=gate_EFD.shape[2], expert_hidden_dim=gate_EFD.shape[1])
@@ -266,7 +275,7 @@ def decoupled_banks(model: nn.Module) -> list[DecoupledExpertBank]:
     return [module for module in model.modules() if isinstance(module, DecoupledExpertBank)]
 
 
-def apply_spectral_decoupling(model: Transformer, config: SDMoEConfig) -> None:
+def apply_spectral_decoupling(model: MoEModel, config: SDMoEConfig) -> None:
     """Replace every MoE layer's routed bank by a freshly initialised :class:`DecoupledExpertBank`.
 
     W0 is drawn with the model's init scheme: std ``init_std`` for gate/up and the residual std
@@ -274,7 +283,7 @@ def apply_spectral_decoupling(model: Transformer, config: SDMoEConfig) -> None:
     when ``config.enabled`` is false.
 
     Args:
-        model: a materialised (not meta) transformer.
+        model: a materialised (not meta) MoE model (a :class:`~sdmoe_train.models.transformer.Transformer`).
         config: SD-MoE settings.
 
     Raises:
@@ -283,9 +292,9 @@ def apply_spectral_decoupling(model: Transformer, config: SDMoEConfig) -> None:
     """
     if not config.enabled:
         return
-    if decoupled_banks(model):
-        raise ValueError("the model is already spectrally decoupled")
     layers = list(model.moe_layers())
+    if any(isinstance(layer.experts, DecoupledExpertBank) for _, layer in layers):
+        raise ValueError("the model is already spectrally decoupled")
     if not layers:
         raise ConfigError("sdmoe.enabled=true needs an MoE model, but arch.moe is null (every layer is dense)")
     std = model.config.init_std
@@ -313,7 +322,7 @@ def _check_rank(bank: ExpertBank, config: SDMoEConfig) -> None:
 
 @torch.no_grad()
 def project_gradients(model: nn.Module) -> None:
-    """Split the gradients of every decomposed matrix into common and unique parts (spec §4), in place.
+    """Split the gradients of every decomposed matrix into common and unique parts (§4), in place.
 
     Call after gradient accumulation and the data-parallel all-reduce, before clipping and the optimizer
     step. The projection is linear, so projecting the reduced gradient equals reducing projected ones.
@@ -329,7 +338,7 @@ def project_gradients(model: nn.Module) -> None:
 
 
 def register_gradient_projection_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
-    """Project every gradient contribution of W_c and W_u as autograd produces it (spec §4), per micro-batch.
+    """Project every gradient contribution of W_c and W_u as autograd produces it (§4), per micro-batch.
 
     For strategies that reduce and partition gradients inside backward (DeepSpeed ZeRO-2 frees ``.grad``), so
     that :func:`project_gradients` after accumulation has nothing to work on. The projections are linear and
@@ -396,7 +405,7 @@ def finish_optimizer_step(model: nn.Module, reference: dict[tuple[int, str], Upd
 
 
 def refresh_bases(model: nn.Module) -> None:
-    """Recompute every bank's bases from its current W_c now (spec §5), regardless of the step count."""
+    """Recompute every bank's bases from its current W_c now (§5), regardless of the step count."""
     for bank in decoupled_banks(model):
         bank.refresh_bases()
 
@@ -409,7 +418,7 @@ def refresh_count(model: nn.Module) -> int:
 
 @torch.no_grad()
 def merge_spectral_decoupling(model: nn.Module) -> None:
-    """Replace every SD-MoE bank by a plain :class:`ExpertBank` holding ``W_c + W_u[i]`` (spec §6).
+    """Replace every SD-MoE bank by a plain :class:`ExpertBank` holding ``W_c + W_u[i]`` (§6).
 
     The merged model has the vanilla parameter names and count and computes the same function.
     """

@@ -1,7 +1,7 @@
 """Linear algebra of SD-MoE (arXiv 2602.12556): spectral init, gradient split, strict updates, basis SVD.
 
 Pure tensor functions over one matrix type of one MoE layer; :mod:`sdmoe_train.moe.sdmoe` wires them into
-the expert bank and the training step. Section numbers refer to ``shared/spec/sdmoe.md``, which restates
+the expert bank and the training step. Section numbers refer to ``docs/design/sdmoe.md``, which restates
 the paper's method. Every projection works with the thin bases only: with ``A = UᵀG``, ``B = GV`` and
 ``C = UᵀGV`` the part of G that touches the common subspace is ``P_U G + G P_V − P_U G P_V =
 U·A + (B − U·C)·Vᵀ``, a rank-2k product written as one batched GEMM with inner width 2k, so the m×m and
@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+SVDMethod = Literal["lowrank", "full"]
+"""How :func:`top_singular_bases` factorises: randomised (``lowrank``) or exact (``full``)."""
 _LOWRANK_OVERSAMPLING = 8
 """Extra sketch columns of the randomised SVD beyond k (Halko et al. 2009 recommend 5–10)."""
 _LOWRANK_POWER_ITERATIONS = 2
@@ -32,7 +34,7 @@ def _working(tensor: Tensor) -> Tensor:
 
 @dataclass
 class SpectralInit:
-    """Initial SD-MoE state of one matrix type (spec §3)."""
+    """Initial SD-MoE state of one matrix type (§3)."""
 
     left_basis_MK: Tensor
     """U_k: top-k left singular vectors of the sampled W0."""
@@ -47,7 +49,7 @@ class SpectralInit:
 def spectral_init(weight_MN: Tensor, rank: int, num_experts: int, generator: torch.Generator) -> SpectralInit:
     """Split one sampled matrix W0 into a rank-k common part and E unique parts with W0's tail spectrum.
 
-    Spec §3, exactly (no cheaper approximation): every proxy ``W_c + W_u[i]`` has the singular values of
+    §3, exactly (no cheaper approximation): every proxy ``W_c + W_u[i]`` has the singular values of
     W0, and each unique part lives in the orthogonal complement of the common bases on both sides.
 
     Args:
@@ -88,8 +90,8 @@ def _complement_frames(basis_MK: Tensor, num_experts: int, width: int, generator
 def _coefficients(matrix_EMN: Tensor, left_MK: Tensor, right_NK: Tensor) -> tuple[Tensor, Tensor]:
     """(UᵀG (…, k, N), GV (…, M, k)), the only two passes that read G.
 
-    GV is formed as (VᵀGᵀ)ᵀ: a GEMM with k output rows over G's transposed view runs about twice as
-    fast on CPU as the (E·M, N) × (N, k) product with k output columns (E = 16, M = N = 512, k = 8).
+    GV is formed as (VᵀGᵀ)ᵀ: on CPU a GEMM with k output rows over G's transposed view runs faster than the
+    (E·M, N) × (N, k) product with k output columns (measurements: ``benchmarks/README.md``).
     """
     left_coeffs_EKN = left_MK.T @ matrix_EMN
     right_coeffs_EMK = (right_NK.T @ matrix_EMN.transpose(-2, -1)).transpose(-2, -1)
@@ -114,8 +116,8 @@ def _factors(
 def common_subspace_part(matrix_EMN: Tensor, left_MK: Tensor, right_NK: Tensor) -> Tensor:
     """``P_U G + G P_V − P_U G P_V``: the part of each matrix that touches the common subspace, in >= fp32.
 
-    ``G`` minus this is the unique-part projection of spec §4, so ``‖result‖² / ‖G‖²`` is the share of G's
-    energy inside the common subspace (the gradient diagnostic of spec §8).
+    ``G`` minus this is the unique-part projection of §4, so ``‖result‖² / ‖G‖²`` is the share of G's
+    energy inside the common subspace (the gradient diagnostic of §8).
 
     Args:
         matrix_EMN: matrices (any leading batch shape), left unchanged.
@@ -132,7 +134,7 @@ def common_subspace_part(matrix_EMN: Tensor, left_MK: Tensor, right_NK: Tensor) 
 
 @torch.no_grad()
 def project_unique_gradient_(grad_EMN: Tensor, left_MK: Tensor, right_NK: Tensor) -> None:
-    """In place: ``G_u[i] = (I − P_U) G_i (I − P_V)`` for every expert (spec §4), in fp32 or wider.
+    """In place: ``G_u[i] = (I − P_U) G_i (I − P_V)`` for every expert (§4), in fp32 or wider.
 
     Args:
         grad_EMN: per-expert gradients of the unique parts; overwritten.
@@ -148,7 +150,7 @@ def project_unique_gradient_(grad_EMN: Tensor, left_MK: Tensor, right_NK: Tensor
 
 @torch.no_grad()
 def project_common_gradient_(grad_MN: Tensor, left_MK: Tensor, right_NK: Tensor) -> None:
-    """In place: ``G_c = P_U g + (I − P_U) g P_V`` of the expert-summed gradient g (spec §4), in fp32 or wider.
+    """In place: ``G_c = P_U g + (I − P_U) g P_V`` of the expert-summed gradient g (§4), in fp32 or wider.
 
     Args:
         grad_MN: autograd's gradient of W_c, which is already Σ_i G_i; overwritten.
@@ -210,7 +212,7 @@ def update_reference(unique_EMN: Tensor, left_MK: Tensor, right_NK: Tensor) -> U
 
 @torch.no_grad()
 def project_unique_update_(unique_EMN: Tensor, reference: UpdateReference, left_MK: Tensor, right_NK: Tensor) -> None:
-    """In place: replace the optimizer's update Δ of W_u by ``(I − P_U) Δ (I − P_V)`` (strict mode, spec §4).
+    """In place: replace the optimizer's update Δ of W_u by ``(I − P_U) Δ (I − P_V)`` (strict mode, §4).
 
     Args:
         unique_EMN: W_u after the optimizer step; overwritten with ``W_old + (I − P_U) Δ (I − P_V)``.
@@ -232,33 +234,37 @@ def project_unique_update_(unique_EMN: Tensor, reference: UpdateReference, left_
 
 @torch.no_grad()
 def top_singular_bases(
-    matrix_MN: Tensor, rank: int, method: Literal["full", "lowrank"], generator: torch.Generator | None = None
+    matrix_EMN: Tensor, rank: int, method: SVDMethod, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Orthonormal bases of the top-k left and right singular subspaces of a matrix, in >= fp32 (spec §5).
+    """Orthonormal bases of the top-k left and right singular subspaces, batched over leading axes, in >= fp32.
+
+    The one SVD routine behind SD-MoE's basis refresh (§5) and the specialisation
+    diagnostics (§8).
 
     Args:
-        matrix_MN: the common part W_c.
-        rank: k.
-        method: ``full`` runs ``torch.linalg.svd``; ``lowrank`` a randomised SVD (Halko et al. 2009,
-            alg. 4.4 + 5.1) with k + 8 sketch columns and 2 power iterations. ``torch.svd_lowrank`` draws
-            its sketch from the global RNG, so the same algorithm is written here against ``generator``.
-        generator: required for ``lowrank``; fixes the sketch.
+        matrix_EMN: a matrix or a stack of matrices (any leading batch shape), e.g. the common part W_c.
+        rank: k, at most min(M, N).
+        method: ``full`` runs one batched ``torch.linalg.svd``; ``lowrank`` a batched randomised SVD (Halko
+            et al. 2009, alg. 4.4 + 5.1) with k + 8 sketch columns and 2 power iterations, which costs a few
+            thin GEMMs instead of a full factorisation and is exact up to the subspace's spectral gap.
+            ``torch.svd_lowrank`` draws its sketch from the global RNG, so the same algorithm is written
+            here against ``generator``, and measuring never changes a run's random stream.
+        generator: required for ``lowrank``; fixes the sketch (the same for every matrix of the stack).
 
     Returns:
-        (U_k, V_k), shapes (M, k) and (N, k).
+        (left_EMK, right_ENK): U_k and V_k of every matrix.
     """
-    matrix_MN = _working(matrix_MN)
+    work_EMN = _working(matrix_EMN.detach())
     if method == "full":
-        left_MR, _, right_adjoint_RN = torch.linalg.svd(matrix_MN, full_matrices=False)
-        return left_MR[:, :rank].contiguous(), right_adjoint_RN[:rank].T.contiguous()
+        left_EMR, _, right_adjoint_ERN = torch.linalg.svd(work_EMN, full_matrices=False)
+        return left_EMR[..., :rank], right_adjoint_ERN[..., :rank, :].transpose(-2, -1)
     if generator is None:
         raise ValueError("the lowrank SVD needs a generator")
-    width = min(rank + _LOWRANK_OVERSAMPLING, *matrix_MN.shape)
-    sketch_NQ = torch.randn(
-        matrix_MN.shape[1], width, generator=generator, device=matrix_MN.device, dtype=matrix_MN.dtype
-    )
-    range_MQ = torch.linalg.qr(matrix_MN @ sketch_NQ).Q
+    rows, columns = work_EMN.shape[-2:]
+    width = min(rank + _LOWRANK_OVERSAMPLING, rows, columns)
+    sketch_NQ = torch.randn(columns, width, generator=generator, device=work_EMN.device, dtype=work_EMN.dtype)
+    range_EMQ = torch.linalg.qr(work_EMN @ sketch_NQ).Q
     for _ in range(_LOWRANK_POWER_ITERATIONS):
-        range_MQ = torch.linalg.qr(matrix_MN @ torch.linalg.qr(matrix_MN.T @ range_MQ).Q).Q
-    small_left_QQ, _, right_adjoint_QN = torch.linalg.svd(range_MQ.T @ matrix_MN, full_matrices=False)
-    return (range_MQ @ small_left_QQ[:, :rank]).contiguous(), right_adjoint_QN[:rank].T.contiguous()
+        range_EMQ = torch.linalg.qr(work_EMN @ torch.linalg.qr(work_EMN.transpose(-2, -1) @ range_EMQ).Q).Q
+    small_left_EQQ, _, right_adjoint_EQN = torch.linalg.svd(range_EMQ.transpose(-2, -1) @ work_EMN, full_matrices=False)
+    return range_EMQ @ small_left_EQQ[..., :rank], right_adjoint_EQN[..., :rank, :].transpose(-2, -1)

@@ -1,7 +1,7 @@
 """SSMoE: a frozen spectral router built from the experts' own singular vectors, blended with the learned one.
 
-Implements "Eigenvectors of Experts are Training-free Non-collapsing Routers" (arXiv 2605.30992) as restated
-in ``shared/spec/ssmoe.md`` (section numbers below refer to it). Each expert gets a spectral row ``u_i``: for
+Implements "Eigenvectors of Experts are Training-free Non-collapsing Routers" (arXiv 2605.30992); section
+numbers (§N) refer to the design notes ``docs/design/ssmoe.md``. Each expert gets a spectral row ``u_i``: for
 each of its gate, up and transposed down matrices, the mean of the k right singular vectors best aligned
 with the learned router row ``r_i`` (§2); tokens are routed by ``p = (1 − c)·softmax(Rx) + c·softmax(Ux/τ)``
 (§3). This file owns the configuration, the router and its explicit refresh; the matrix algebra is in
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +31,10 @@ from torch import Tensor, nn
 
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.moe.diagnostics import load_health
-from sdmoe_train.moe.experts import ExpertBank
-from sdmoe_train.moe.layer import MoELayer
+from sdmoe_train.moe.experts import MATRIX_TYPES, ExpertBank
+from sdmoe_train.moe.layer import MoELayer, MoEModel
 from sdmoe_train.moe.router import Router, RoutingDecision
-from sdmoe_train.moe.sdmoe import DecoupledExpertBank
 from sdmoe_train.moe.ssmoe_rows import SignMode, Variant, spectral_router_rows
-
-if TYPE_CHECKING:
-    from sdmoe_train.models.transformer import Transformer
 
 SPECTRAL_ROWS = "spectral_rows"
 """Name of the router buffer holding U (E, D); its state_dict keys end in ``router.spectral_rows``."""
@@ -93,7 +89,7 @@ class SSMoEConfig:
 
 @dataclass
 class SpectralRoutingStats:
-    """Per-forward diagnostics of one spectral router (spec §6), detached fp32 scalars."""
+    """Per-forward diagnostics of one spectral router (§6), detached fp32 scalars."""
 
     spectral_entropy: Tensor
     """Mean entropy of softmax(Ux/τ) over tokens divided by log E (near 1: the spectral router only flattens)."""
@@ -102,7 +98,7 @@ class SpectralRoutingStats:
 
 
 class SpectralRouter(Router):
-    """The learned router plus a frozen spectral router U, blended with weight ``blend`` (spec §3).
+    """The learned router plus a frozen spectral router U, blended with weight ``blend`` (§3).
 
     Shares the learned router's ``weight`` parameter and ``selection_bias`` buffer (same state_dict names)
     and adds the persistent buffer ``spectral_rows`` (E, D), fp32. U is computed only by :meth:`refresh`;
@@ -111,7 +107,7 @@ class SpectralRouter(Router):
 
     ``rows_builder`` computes U from (experts, router weight, config); it is the one attribute expert
     parallelism replaces, with a builder that computes the rows of the rank's local experts and
-    all-gathers them (spec §4), since the rank then holds only a slice of the experts.
+    all-gathers them (§4), since the rank then holds only a slice of the experts.
     """
 
     def __init__(self, base: Router, config: SSMoEConfig) -> None:
@@ -167,10 +163,18 @@ class SpectralRouter(Router):
 
     @torch.no_grad()
     def refresh(self, experts: ExpertBank) -> None:
-        """Recompute U from the current expert weights and router rows (spec §2, §4), and its geometry."""
+        """Recompute U from the current expert weights and router rows (§2, §4), and its geometry."""
         rows_ED = self.rows_builder(experts, self.weight, self.ssmoe)
         self.spectral_rows.copy_(rows_ED)
         self.row_geometry = spectral_row_geometry(rows_ED, self.weight)
+
+    def diagnostics(self) -> dict[str, Tensor]:
+        """§6 diagnostics that need no loads: row geometry (last refresh) and the last forward's statistics."""
+        values = dict(self.row_geometry)
+        if self.last_stats is not None:
+            values["spectral_entropy"] = self.last_stats.spectral_entropy
+            values["changed_share"] = self.last_stats.changed_share
+        return values
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         key = prefix + SPECTRAL_ROWS
@@ -184,7 +188,7 @@ class SpectralRouter(Router):
 
 @torch.no_grad()
 def spectral_row_geometry(rows_ED: Tensor, router_weight_ED: Tensor) -> dict[str, Tensor]:
-    """Mean pairwise ``cos(u_i, u_j)`` (i ≠ j) and mean ``cos(u_i, r_i)`` (spec §6).
+    """Mean pairwise ``cos(u_i, u_j)`` (i ≠ j) and mean ``cos(u_i, r_i)`` (§6).
 
     Args:
         rows_ED: the spectral router U.
@@ -220,8 +224,8 @@ def without_spectral_rows(state: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in state.items() if not key.endswith("router." + SPECTRAL_ROWS)}
 
 
-def apply_spectral_routing(model: Transformer, config: SSMoEConfig) -> None:
-    """Swap every MoE router for a :class:`SpectralRouter` and compute U now ("on enabling", spec §4).
+def apply_spectral_routing(model: MoEModel, config: SSMoEConfig) -> None:
+    """Swap every MoE router for a :class:`SpectralRouter` and compute U now ("on enabling", §4).
 
     Call after SD-MoE decoupling (the ``unique`` variant reads its parts). Nothing is done when
     ``config.enabled`` is false.
@@ -231,12 +235,12 @@ def apply_spectral_routing(model: Transformer, config: SSMoEConfig) -> None:
     """
     if not config.enabled:
         return
-    if spectral_routers(model):
-        raise ValueError("the model already routes spectrally")
     layers = [layer for _, layer in model.moe_layers()]
+    if any(isinstance(layer.router, SpectralRouter) for layer in layers):
+        raise ValueError("the model already routes spectrally")
     if not layers:
         raise ConfigError("ssmoe.enabled=true needs an MoE model, but arch.moe is null (every layer is dense)")
-    if config.variant == "unique" and not all(isinstance(layer.experts, DecoupledExpertBank) for layer in layers):
+    if config.variant == "unique" and not all(_has_unique_parts(layer.experts) for layer in layers):
         raise ConfigError(
             "ssmoe.variant=unique builds U from the SD-MoE unique parts W_u[i], but sdmoe.enabled=false; "
             "enable sdmoe or use ssmoe.variant=full"
@@ -245,6 +249,10 @@ def apply_spectral_routing(model: Transformer, config: SSMoEConfig) -> None:
         layer.router = SpectralRouter(layer.router, config)
         layer.register_load_state_dict_post_hook(_refresh_rows_missing_from_state)
         layer.router.refresh(layer.experts)
+
+
+def _has_unique_parts(experts: ExpertBank) -> bool:
+    return any(experts.unique_part(matrix) is not None for matrix in MATRIX_TYPES)
 
 
 def _refresh_rows_missing_from_state(layer: nn.Module, incompatible_keys: Any) -> None:
@@ -260,7 +268,7 @@ def _refresh_rows_missing_from_state(layer: nn.Module, incompatible_keys: Any) -
 
 
 def refresh_spectral_routers(model: nn.Module) -> None:
-    """Recompute U of every spectral router from the current weights (spec §4)."""
+    """Recompute U of every spectral router from the current weights (§4)."""
     for layer, router in spectral_routers(model):
         router.refresh(layer.experts)
 
@@ -273,17 +281,8 @@ def set_spectral_blend(model: nn.Module, c: float) -> None:
         router.blend = c
 
 
-def router_diagnostics(router: SpectralRouter) -> dict[str, Tensor]:
-    """One spectral router's spec §6 diagnostics that need no loads: row geometry and last-forward stats."""
-    values = dict(router.row_geometry)
-    if router.last_stats is not None:
-        values["spectral_entropy"] = router.last_stats.spectral_entropy
-        values["changed_share"] = router.last_stats.changed_share
-    return values
-
-
-def spectral_diagnostics(model: Transformer, tokens_per_expert_LE: Tensor | None = None) -> dict[str, Tensor]:
-    """The spec §6 diagnostics of every spectral router, keyed ``ssmoe/<quantity>/layer_NN``.
+def spectral_diagnostics(model: MoEModel, tokens_per_expert_LE: Tensor | None = None) -> dict[str, Tensor]:
+    """The §6 diagnostics of every spectral router, keyed ``ssmoe/<quantity>/layer_NN``.
 
     Per layer: ``row_cos_mean`` and ``learned_cos_mean`` (from the last refresh), ``spectral_entropy`` and
     ``changed_share`` (from the last forward), and, when the loads of that forward are given,
@@ -291,7 +290,7 @@ def spectral_diagnostics(model: Transformer, tokens_per_expert_LE: Tensor | None
 
     Args:
         model: a transformer with spectral routers.
-        tokens_per_expert_LE: the last forward's expert loads (rows in :meth:`Transformer.moe_layers` order).
+        tokens_per_expert_LE: the last forward's expert loads (rows in ``model.moe_layers()`` order).
 
     Returns:
         Metric name to fp32 scalar tensor (no host sync).
@@ -301,7 +300,7 @@ def spectral_diagnostics(model: Transformer, tokens_per_expert_LE: Tensor | None
         router = layer.router
         if not isinstance(router, SpectralRouter):
             continue
-        values = router_diagnostics(router)
+        values = router.diagnostics()
         if tokens_per_expert_LE is not None:
             health = load_health(tokens_per_expert_LE[position])
             values["load_entropy"] = health.normalised_entropy_L

@@ -1,4 +1,6 @@
-"""Construction of the SSMoE spectral router U from expert weights (arXiv 2605.30992; ``shared/spec/ssmoe.md`` §2, §5).
+"""Construction of the SSMoE spectral router U from expert weights (arXiv 2605.30992).
+
+Section numbers (§N) refer to the design notes ``docs/design/ssmoe.md``.
 
 For every expert i and matrix M in {gate, up, downᵀ} (each F×D): thin SVD ``M = A Σ Bᵀ``; the columns
 ``b_j`` of B are directions of the D-dim hidden space. Sign-canonicalise them against the router row
@@ -7,8 +9,8 @@ them with equal weight into ``ū_M`` (so ``‖ū_M‖ = 1/√k``), then ``u_i`` 
 matrices. Everything runs in fp32 under no_grad, batched over the E experts of a layer (one batched SVD per
 matrix type).
 
-Unique-part variant (our extension, spec §5): with SD-MoE, the proxies ``W_c + W_u[i]`` of all experts share
-the dominant common directions, so their U rows come out nearly identical. This variant takes the SVD of
+Unique-part variant (our extension, §5): with SD-MoE, the proxies ``W_c + W_u[i]`` of all experts share the
+dominant common directions, so their U rows come out nearly identical. This variant takes the SVD of
 the unique parts ``W_u[i]`` instead, drops singular values below ``unique_cutoff · σ_max`` (the k common
 directions, where W_u is zero by construction), and aligns against ``(I − P_V) r_i``, the router row with
 its component in the common hidden-space subspace removed (the right basis V_k for gate/up, the left
@@ -21,19 +23,24 @@ plain bank and the raw router row.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from sdmoe_train.moe.experts import ExpertBank
-from sdmoe_train.moe.sdmoe import DecoupledExpertBank
-
-if TYPE_CHECKING:
-    from sdmoe_train.moe.ssmoe_router import SSMoEConfig
+from sdmoe_train.moe.experts import MATRIX_TYPES, ExpertBank
 
 SignMode = Literal["canonical", "reference"]
 Variant = Literal["full", "unique"]
+
+
+class RowSettings(Protocol):
+    """The settings U is built from; :class:`~sdmoe_train.moe.ssmoe_router.SSMoEConfig` provides them."""
+
+    k: int
+    variant: Variant
+    sign: SignMode
+    unique_cutoff: float
 
 
 @torch.no_grad()
@@ -77,27 +84,23 @@ def aligned_singular_mean(
 def _hidden_space_matrices(experts: ExpertBank, variant: Variant) -> list[tuple[Tensor, Tensor | None]]:
     """(E, F, D) matrices whose right singular vectors are hidden-space directions, each with the common
     hidden-space basis (D, C) to remove from the router row (None: use the raw row)."""
-    gate_EFD, up_EFD, down_EDF = experts.expert_weights()
-    plain = {"gate": gate_EFD, "up": up_EFD, "down": down_EDF.transpose(-2, -1)}
-    if variant == "full":
-        return [(matrix, None) for matrix in plain.values()]
-    assert isinstance(experts, DecoupledExpertBank), "the unique variant needs SD-MoE banks"
     matrices: list[tuple[Tensor, Tensor | None]] = []
-    for name, matrix_EFD in plain.items():
-        if name not in experts.decomposed:
-            matrices.append((matrix_EFD, None))
-            continue
-        _, unique_EMN, left_MC, right_NC = experts.parts(name)
-        if name == "down":
-            matrices.append((unique_EMN.transpose(-2, -1), left_MC))
+    for matrix in MATRIX_TYPES:
+        unique_EMN = experts.unique_part(matrix) if variant == "unique" else None
+        bases = experts.common_bases(matrix)
+        if unique_EMN is None or bases is None:
+            applied_EMN = experts.applied_weight(matrix)
+            matrices.append((applied_EMN.transpose(-2, -1) if matrix == "down" else applied_EMN, None))
+        elif matrix == "down":
+            matrices.append((unique_EMN.transpose(-2, -1), bases[0]))
         else:
-            matrices.append((unique_EMN, right_NC))
+            matrices.append((unique_EMN, bases[1]))
     return matrices
 
 
 @torch.no_grad()
-def spectral_router_rows(experts: ExpertBank, router_weight_ED: Tensor, config: SSMoEConfig) -> Tensor:
-    """The spectral router U of one MoE layer (spec §2; unique variant §5).
+def spectral_router_rows(experts: ExpertBank, router_weight_ED: Tensor, config: RowSettings) -> Tensor:
+    """The spectral router U of one MoE layer (§2; unique variant §5).
 
     Args:
         experts: the layer's routed experts (plain or SD-MoE).

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdmoe_train.config_checks import divisors
 from sdmoe_train.errors import ConfigError
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
 @dataclass(kw_only=True)
@@ -33,7 +30,7 @@ class ParallelConfig:
         if num_experts % self.ep_size:
             raise ConfigError(
                 f"parallel.ep_size={self.ep_size} must divide moe.num_experts={num_experts} "
-                f"(valid: {_divisors(num_experts)})"
+                f"(valid: {divisors(num_experts)})"
             )
 
     def check_world_size(self, world_size: int) -> None:
@@ -41,5 +38,5 @@ class ParallelConfig:
         if world_size % self.ep_size:
             raise ConfigError(
                 f"parallel.ep_size={self.ep_size} must divide the world size {world_size} "
-                f"(trainer.devices x trainer.num_nodes; valid: {_divisors(world_size)})"
+                f"(trainer.devices x trainer.num_nodes; valid: {divisors(world_size)})"
             )

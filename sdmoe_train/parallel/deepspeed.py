@@ -1,20 +1,20 @@
 """DeepSpeed ZeRO (stages 0-2) with expert parallelism, on GPUs (NCCL) and CPU processes (gloo).
 
-:class:`MoEDeepSpeedStrategy` is Lightning's ``DeepSpeedStrategy`` plus what this framework needs:
+:class:`MoEDeepSpeedStrategy` is Lightning's ``DeepSpeedStrategy`` plus what this framework needs; every
+DeepSpeed or Lightning internal it touches is in :mod:`sdmoe_train.parallel.deepspeed_compat`, which says
+which versions it was verified with (the strategy refuses others):
 
-- CPU runs: Lightning 2.6.6 refuses a CPU accelerator and passes ``root_device.index`` (None on CPU) as
-  DeepSpeed's device rank; DeepSpeed JIT-builds a shared-memory comm op (~55 s) on first use that gloo
-  runs never call. Both are bypassed here (platform facts §3), which is why lightning is pinned.
+- CPU runs: Lightning refuses a CPU accelerator and has no device index to pass to DeepSpeed, and DeepSpeed
+  JIT-builds a shared-memory comm op that gloo runs never call; all three are bypassed.
 - Expert parallelism: DeepSpeed treats parameters marked ``allreduce = False`` as expert parameters only
-  when the model holds a ``deepspeed.moe.layer.MoE`` module; :class:`_ExpertParallelMarker` is such a
-  module without weights, so DeepSpeed broadcasts, reduces and partitions expert slices over the
-  expert-data-parallel group only (expert gradients are divided by the whole data-parallel size, so their
-  scale does not depend on ``ep_size``).
+  when the model holds a ``deepspeed.moe.layer.MoE`` module; a weightless one is added, so DeepSpeed
+  broadcasts, reduces and partitions expert slices over the expert-data-parallel group only (expert
+  gradients are divided by the whole data-parallel size, so their scale does not depend on ``ep_size``).
 - Checkpoints: DeepSpeed's own MoE checkpoint format keys experts by its ``deepspeed_moe`` module names, so
   each rank instead writes one file ``rank_XXXXX.pt`` into the checkpoint directory with its model shard
-  and its ZeRO optimizer partition. Resuming needs the same world size and ``ep_size``;
-  :func:`sdmoe_train.parallel.checkpoint.consolidate_checkpoint` turns a directory into one file that any
-  layout starts from (``model.init_from``).
+  and its ZeRO optimizer partition (:mod:`sdmoe_train.parallel.rank_files`). Resuming needs the same world
+  size and ``ep_size``; ``sdmoe-train consolidate`` (:mod:`sdmoe_train.checkpointing.consolidate`) turns a
+  directory into one file that any layout starts from (``model.init_from``).
 
 ZeRO stage 3 is refused with a ConfigError: with expert parallelism DeepSpeed itself rejects it ("Native
 DeepSpeed MoE is not supported with ZeRO Stage 3"), and without it the first backward fails on partitioned
@@ -23,78 +23,22 @@ weights (see docs/distributed.md).
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import importlib
-import importlib.util
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.parallel import deepspeed_compat
 from sdmoe_train.parallel.expert_parallel import expert_sharded_names
 from sdmoe_train.parallel.groups import ExpertParallelGroups
+from sdmoe_train.parallel.rank_files import LAYOUT_KEY, rank_file
 
-
-def _import_deepspeed_with_logs_on_stderr() -> None:
-    # DeepSpeed's logger binds `sys.stdout` when `import deepspeed` creates it and warns during that import
-    # on machines without CUDA. Importing it here first, with stdout pointed at stderr, keeps every DeepSpeed
-    # log line off stdout, which carries data (`fit --print_config > recipe.yaml`). jsonargparse would
-    # otherwise import it while resolving the annotations of Lightning's DeepSpeedStrategy.
-    if "deepspeed" in sys.modules or importlib.util.find_spec("deepspeed") is None:
-        return
-    with contextlib.redirect_stdout(sys.stderr):
-        importlib.import_module("deepspeed")
-
-
-_import_deepspeed_with_logs_on_stderr()
-
-LAYOUT_KEY = "sdmoe_train_layout"
-"""Checkpoint entry recording the parallel layout a rank file was written with."""
-
-
-def rank_file(directory: str | Path, global_rank: int) -> Path:
-    """The file of one rank inside a checkpoint directory."""
-    return Path(directory) / f"rank_{global_rank:05d}.pt"
-
-
-def _skip_shm_comm_build() -> None:
-    # DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce for CPU (~55 s) that gloo runs never
-    # use; `import deepspeed.comm.torch as m` would bind the package attribute `torch`, not the module.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
-def _expert_parallel_marker(num_experts: int, groups: ExpertParallelGroups) -> nn.Module:
-    from deepspeed.moe.layer import MoE
-    from deepspeed.utils import groups as deepspeed_groups
-
-    class _ExpertParallelMarker(MoE):
-        """A weightless ``MoE`` instance: its presence switches on DeepSpeed's expert-parameter handling."""
-
-        def __init__(self) -> None:
-            nn.Module.__init__(self)
-            self.num_experts = num_experts
-            self.ep_size = groups.ep_size
-            self.num_local_experts = num_experts // groups.ep_size
-            self.expert_group_name = groups.name
-
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            # Same rank layout as sdmoe_train.parallel.groups (consecutive expert-parallel ranks).
-            if self.expert_group_name not in deepspeed_groups._get_expert_parallel_group_dict():
-                deepspeed_groups._create_expert_and_data_parallel(self.ep_size)
-
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("the expert-parallel marker holds no experts; MoE layers dispatch themselves")
-
-    return _ExpertParallelMarker()
+deepspeed_compat.import_deepspeed_with_logs_on_stderr()
 
 
 class MoEDeepSpeedStrategy(DeepSpeedStrategy):
@@ -106,28 +50,25 @@ class MoEDeepSpeedStrategy(DeepSpeedStrategy):
     supports_expert_parallel = True
     """Read by ``PretrainModule.configure_model``: this strategy reduces expert gradients per expert group."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        deepspeed_compat.check_versions()
+        super().__init__(*args, **kwargs)
+
     def setup_environment(self) -> None:
         if isinstance(self.accelerator, CPUAccelerator):
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            _skip_shm_comm_build()
-            DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's CUDA-only check
+            deepspeed_compat.setup_cpu_environment(self)
             return
         super().setup_environment()
 
     def setup_distributed(self) -> None:
         if isinstance(self.accelerator, CPUAccelerator):
-            # CPU devices have no index, which Lightning's device-index validation expects.
-            reset_seed()
-            self.set_world_ranks()
-            self._init_deepspeed_distributed()
+            deepspeed_compat.setup_cpu_distributed(self)
             return
         super().setup_distributed()
 
     def _setup_model_and_optimizer(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None, lr_scheduler: Any = None
     ) -> tuple[Any, torch.optim.Optimizer]:
-        import deepspeed
-
         groups: ExpertParallelGroups | None = getattr(self.lightning_module, "expert_groups", None)
         if self.zero_stage_3:
             ep_size = 1 if groups is None else groups.ep_size
@@ -140,18 +81,10 @@ class MoEDeepSpeedStrategy(DeepSpeedStrategy):
             raise ConfigError(f"{reason}; set the strategy's stage to 1 or 2 (docs/distributed.md)")
         if groups is not None and groups.ep_size > 1:
             num_experts = self.lightning_module.arch.moe.num_experts
-            model.add_module("deepspeed_expert_parallel", _expert_parallel_marker(num_experts, groups))
+            marker = deepspeed_compat.expert_parallel_marker(num_experts, groups.ep_size, groups.name)
+            model.add_module("deepspeed_expert_parallel", marker)
         device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
-        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=device_rank),
-            config=self.config,
-            model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            dist_init_required=False,
-        )
-        return engine, deepspeed_optimizer
+        return deepspeed_compat.initialize_engine(self.config, model, optimizer, lr_scheduler, device_rank)
 
     def _layout(self) -> dict[str, Any]:
         groups: ExpertParallelGroups | None = getattr(self.lightning_module, "expert_groups", None)
@@ -178,7 +111,7 @@ class MoEDeepSpeedStrategy(DeepSpeedStrategy):
             raise ConfigError(
                 f"ckpt_path={str(checkpoint_path)!r} has no {path.name}: resuming with {type(self).__name__} takes "
                 "a checkpoint directory it wrote with the same number of processes; to start from other weights "
-                "use model.init_from (with a file from `python -m sdmoe_train.parallel.checkpoint`)"
+                "use model.init_from (with a file from `sdmoe-train consolidate`)"
             )
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         saved, current = checkpoint[LAYOUT_KEY], self._layout()
@@ -187,7 +120,7 @@ class MoEDeepSpeedStrategy(DeepSpeedStrategy):
                 raise ConfigError(
                     f"ckpt_path={str(checkpoint_path)!r} was written with {key}={saved[key]}, this run has "
                     f"{key}={current[key]}; resume with the same layout, or consolidate it "
-                    "(`python -m sdmoe_train.parallel.checkpoint DIR OUT.ckpt`) and start from it with model.init_from"
+                    "(`sdmoe-train consolidate DIR OUT.ckpt`) and start from it with model.init_from"
                 )
         return checkpoint
 
@@ -200,15 +133,4 @@ class MoEDeepSpeedStrategy(DeepSpeedStrategy):
         return self.lightning_module.trainer.state.fn == TrainerFn.FITTING
 
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        optimizer = self.deepspeed_engine.optimizer
-        state = checkpoint["optimizer_states"][0]
-        if hasattr(optimizer, "dp_process_group"):
-            # ZeRO 1/2 index the list by data-parallel rank; a same-layout resume reads its own entry only and
-            # restores the fp32 master partition exactly.
-            import deepspeed.comm as ds_comm
-
-            states: list[Any] = [None] * ds_comm.get_world_size(group=optimizer.dp_process_group)
-            states[ds_comm.get_rank(group=optimizer.dp_process_group)] = state
-            optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
-        else:
-            optimizer.load_state_dict(state)
+        deepspeed_compat.load_zero_optimizer_state(self.deepspeed_engine.optimizer, checkpoint["optimizer_states"][0])

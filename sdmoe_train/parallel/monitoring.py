@@ -29,7 +29,7 @@ from torch import Tensor
 
 from sdmoe_train.models.transformer import Transformer
 from sdmoe_train.moe.diagnostics import SVDMethod, top_singular_subspaces
-from sdmoe_train.moe.sdmoe import MATRIX_TYPES, MatrixType
+from sdmoe_train.moe.experts import MATRIX_TYPES, MatrixType
 from sdmoe_train.parallel.groups import ExpertParallelGroups
 
 
@@ -66,7 +66,8 @@ def expert_factors(
     """
     factors = {}
     for layer_index, layer in model.moe_layers():
-        for matrix, weight_LMN in zip(MATRIX_TYPES, layer.experts.expert_weights(), strict=True):
+        for matrix in MATRIX_TYPES:
+            weight_LMN = layer.experts.applied_weight(matrix)
             left_LMK, values_LK, right_adjoint_LKN = torch.linalg.svd(weight_LMN.float(), full_matrices=False)
             local = (values_LK[:, :rank], left_LMK[..., :rank], right_adjoint_LKN[:, :rank].mT)
             factors[layer_index, matrix] = ExpertFactors(*(gather_experts(t, groups) for t in local))

@@ -9,14 +9,13 @@ The page holds inline SVG only: no script, no external file, viewable offline.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.callbacks.monitor import FIGURES_FILE
+from sdmoe_train.report.figures import FIGURES_FILE, latest_figures
 from sdmoe_train.report.svg import bars_svg, heatmap_svg, line_chart_svg
 
 SECTIONS: tuple[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], ...] = (
@@ -107,12 +106,7 @@ def read_run(run_dir: Path, label: str | None = None) -> RunLog:
                     run.scalars.setdefault(name, []).append((step, float(value)))
     for points in run.scalars.values():
         points.sort()
-    figures_file = metrics_file.parent / FIGURES_FILE
-    if figures_file.is_file():
-        for line in figures_file.read_text().splitlines():
-            record = json.loads(line)
-            if record["step"] >= run.figures.get(record["name"], {"step": -1})["step"]:
-                run.figures[record["name"]] = record
+    run.figures = latest_figures(metrics_file.parent / FIGURES_FILE)
     return run
 
 
@@ -150,8 +144,8 @@ def build_dashboard(runs: list[RunLog], title: str) -> str:
     body = [f"<h1>{escape(title)}</h1>"]
     body.append("<p>Runs: " + ", ".join(f"<b>{escape(run.label)}</b>" for run in runs) + ". ")
     body.append(
-        "Definitions: <code>docs/monitoring.md</code> (spec §8). Steps are optimizer steps; monitors log every "
-        "<code>every_n_steps</code>.</p>"
+        "Definitions: <code>docs/monitoring.md</code> (docs/design/sdmoe.md §8). Steps are optimizer steps; "
+        "monitors log every <code>every_n_steps</code>.</p>"
     )
     for section, charts in SECTIONS:
         rendered = [svg for chart_title, metrics in charts if (svg := _chart(runs, chart_title, metrics))]

@@ -23,6 +23,7 @@ from sdmoe_train.moe.sdmoe import SDMoEConfig
 from sdmoe_train.parallel.config import ParallelConfig
 from sdmoe_train.parallel.deepspeed import MoEDeepSpeedStrategy
 from tests.integration.sdmoe_ddp import GLOBAL_BATCH, SEQ, VOCAB, global_batches, tiny_arch
+from tests.integration.trainers import quiet_cpu_trainer
 
 # eps = 1 turns AdamW into (nearly) momentum SGD for small gradients: a wrongly scaled expert gradient then
 # shows in the weights instead of being normalised away.
@@ -93,17 +94,12 @@ def run(args: argparse.Namespace) -> None:
     batches = global_batches()[: 1 if args.one_batch else None]
     loader = DataLoader(list(batches[:, rank :: args.devices].flatten(0, 1)), batch_size=GLOBAL_BATCH // args.devices)
     strategy = "auto" if args.stage is None else MoEDeepSpeedStrategy(stage=args.stage)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_cpu_trainer(
         devices=args.devices,
         strategy=strategy,
         max_steps=args.steps,
         precision="32-true",
         use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[_RecordLogits(out_dir, save_at_start=args.plant)],
     )
     trainer.fit(module, train_dataloaders=loader, ckpt_path=args.resume)

@@ -26,6 +26,7 @@ from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.lightning.optim import OptimConfig
 from sdmoe_train.moe.sdmoe import SDMoEConfig
 from tests.integration.sdmoe_ddp import SEQ, VOCAB, tiny_arch
+from tests.integration.trainers import quiet_cpu_trainer
 
 STEPS = 4
 BATCH = 2
@@ -51,16 +52,12 @@ def run(out_dir: Path) -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     tokens = torch.randint(0, VOCAB, (STEPS * BATCH, SEQ + 1), generator=torch.Generator().manual_seed(10 + rank))
     recorder = _CountRecorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_cpu_trainer(
         devices=2,
         strategy="ddp",
         max_steps=STEPS,
         use_distributed_sampler=False,
         logger=L.pytorch.loggers.CSVLogger(out_dir, name="logs", version=""),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[
             RoutingHealthMonitor(every_n_steps=2),
             SpectralOverlapMonitor(every_n_steps=2, rank=4),

@@ -133,6 +133,7 @@ def lightning_ddp_run(out_dir: Path, devices: int) -> None:
 
     from sdmoe_train.lightning.module import PretrainModule
     from sdmoe_train.lightning.optim import OptimConfig
+    from tests.integration.trainers import quiet_cpu_trainer
 
     with _one_thread():
         L.seed_everything(0)
@@ -142,18 +143,13 @@ def lightning_ddp_run(out_dir: Path, devices: int) -> None:
         torch.manual_seed(100 + rank)
         # Each rank takes its own rows of every global batch (Lightning's own DistributedSampler shuffles).
         loader = DataLoader(list(global_batches()[:, rank::devices].flatten(0, 1)), batch_size=GLOBAL_BATCH // devices)
-        trainer = L.Trainer(
-            accelerator="cpu",
+        trainer = quiet_cpu_trainer(
             devices=devices,
             strategy="ddp" if devices > 1 else "auto",
             max_steps=STEPS,
             gradient_clip_val=1.0,
             precision="64-true",
             use_distributed_sampler=False,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
         )
         trainer.fit(module, train_dataloaders=loader)
     torch.save(module.model.state_dict(), out_dir / f"lightning_rank{trainer.global_rank}_of_{devices}.pt")

@@ -11,7 +11,7 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
-from sdmoe_train.cli import main
+from sdmoe_train.cli import SUBCOMMANDS, main
 from sdmoe_train.models import presets
 from sdmoe_train.models.config import TransformerConfig
 from tests.corpora import make_documents, write_documents
@@ -27,6 +27,24 @@ def test_model_recipe_equals_its_preset(preset: str) -> None:
     parsed = parser.parse_args([f"--arch={RECIPES / 'models' / f'{preset}.yaml'}"])
     arch = parser.instantiate(parsed).arch
     assert dataclasses.asdict(arch) == dataclasses.asdict(presets.PRESETS[preset]())
+
+
+def test_model_recipes_are_generated_from_the_presets_and_current(tmp_path: Path) -> None:
+    main(["presets", "--write", str(tmp_path)])
+    generated = {path.name: path.read_text() for path in tmp_path.glob("*.yaml")}
+    committed = {path.name: path.read_text() for path in (RECIPES / "models").glob("*.yaml")}
+    assert sorted(generated) == sorted(f"{name}.yaml" for name in presets.PRESETS)
+    # A failure here means a preset function changed: run `sdmoe-train presets --write recipes/models`.
+    assert committed == generated
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    assert all(f"\n    {name} " in shown for name in ("fit", "validate", "test"))
+    assert all(f"\n  sdmoe-train {name} " in shown for name in SUBCOMMANDS), shown
 
 
 @pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda path: path.stem)

@@ -13,6 +13,7 @@ from sdmoe_train.data.config import DataConfig
 from sdmoe_train.data.datamodule import PretrainDataModule
 from sdmoe_train.errors import ConfigError
 from tests.corpora import make_config, make_documents, make_tokenizer, write_documents
+from tests.integration.trainers import quiet_cpu_trainer
 
 BATCH = 4
 
@@ -38,16 +39,7 @@ class Recorder(L.LightningModule):
 
 
 def _trainer(max_steps: int, **overrides: object) -> L.Trainer:
-    settings = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": max_steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    } | overrides
-    return L.Trainer(**settings)
+    return quiet_cpu_trainer(**({"devices": 1, "max_steps": max_steps} | overrides))
 
 
 @pytest.fixture

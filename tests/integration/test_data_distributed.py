@@ -17,6 +17,7 @@ from sdmoe_train.data.datamodule import PretrainDataModule
 from sdmoe_train.data.packing import PackedBlocks
 from sdmoe_train.data.sampler import ResumableDistributedSampler
 from tests.corpora import make_config, make_documents, make_tokenizer, write_documents
+from tests.integration.trainers import quiet_cpu_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -48,17 +49,7 @@ class RankRecorder(L.LightningModule):
 
 def _run(config: DataConfig, out: Path, tag: str, max_steps: int, **kwargs: object) -> list[list[torch.Tensor]]:
     checkpoint = kwargs.pop("save_to", None)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_cpu_trainer(devices=2, strategy="ddp_spawn", max_steps=max_steps, limit_val_batches=0)
     trainer.fit(RankRecorder(out, tag, checkpoint), datamodule=PretrainDataModule(config, batch_size=BATCH), **kwargs)
     return [torch.load(out / f"{tag}_rank{rank}.pt") for rank in range(2)]
 

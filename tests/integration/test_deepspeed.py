@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdmoe_train.lightning.module import PretrainModule, model_state
-from sdmoe_train.parallel.checkpoint import consolidate_checkpoint
-from sdmoe_train.parallel.deepspeed import LAYOUT_KEY, rank_file
+from sdmoe_train.checkpointing.consolidate import consolidate_checkpoint
+from sdmoe_train.checkpointing.model_state import model_state
+from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.parallel.expert_parallel import shard_expert_state
+from sdmoe_train.parallel.rank_files import LAYOUT_KEY, rank_file
 from tests.integration import deepspeed_runs
 
 pytest.importorskip("deepspeed")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdmoe_train.io.checkpoints import read_manifest
+from sdmoe_train.checkpointing.manifest import read_manifest
 from tests.integration.loss_recorder import read_losses
 from tests.integration.training_runs import final_losses, run_fit, start_fit, wait_for_step, write_tiny_recipe
 

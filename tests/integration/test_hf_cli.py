@@ -49,7 +49,9 @@ def _logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("preset", ["tiny_qwen_moe", "tiny_deepseek_moe"])
-def test_export_then_import_restores_the_trained_model(preset: str, tmp_path: Path) -> None:
+def test_export_then_import_restores_the_trained_model(
+    preset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     module = PretrainModule(_config(preset))
     tokenizer = tmp_path / "tokenizer.json"
     Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="a")).save(str(tokenizer))
@@ -59,6 +61,9 @@ def test_export_then_import_restores_the_trained_model(preset: str, tmp_path: Pa
         p.name for p in (tmp_path / "hf").iterdir()
     }
     main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
+    # Qwen's balancing coefficient is converted (2 MoE layers / top_k 2 here), and both commands say so.
+    conversions = capsys.readouterr().out.count("converted: moe.aux_loss_coef=0.01 <-> router_aux_loss_coef=0.01")
+    assert conversions == (2 if preset == "tiny_qwen_moe" else 0)
 
     parser = ArgumentParser()
     parser.add_argument("--arch", type=TransformerConfig)
@@ -71,7 +76,7 @@ def test_export_then_import_restores_the_trained_model(preset: str, tmp_path: Pa
 
 @pytest.mark.parametrize("plain_hparams", [False, True], ids=["typed-hparams", "cli-dict-hparams"])
 def test_sdmoe_checkpoint_is_merged_into_plain_experts_before_export(plain_hparams: bool, tmp_path: Path) -> None:
-    from sdmoe_train.models.hf_io import import_model
+    from sdmoe_train.interop.hf.driver import import_model
 
     module = PretrainModule(_config("tiny_qwen_moe"), sdmoe=SDMoEConfig(enabled=True, rank=2))
     with torch.no_grad():

@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from sdmoe_train.cli import main
+from sdmoe_train.interop.hf.driver import export_model, import_model
 from sdmoe_train.models import presets
 from sdmoe_train.models.config import MLAConfig, TransformerConfig
-from sdmoe_train.models.hf_io import export_model, import_model
 from sdmoe_train.models.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -86,14 +86,14 @@ def test_exported_model_logits_match_transformers(case: str, tmp_path: Path) -> 
         for _, layer in model.moe_layers():
             if config.moe.score_fn == "sigmoid":
                 layer.router.selection_bias.copy_(torch.randn(config.moe.num_experts) * 0.1)
-    assert export_model(model, tmp_path, max_shard_size="100KB") == arch
+    assert export_model(model, tmp_path, max_shard_size="100KB").arch == arch
     tokens = torch.randint(0, VOCAB, (2, 24))
     with torch.no_grad():
         ours = model(tokens).logits
     torch.testing.assert_close(_hf_logits(tmp_path, tokens), ours, atol=ATOL, rtol=RTOL)
 
 
-def _random_hf_model(arch: str) -> torch.nn.Module:
+def _random_hf_model(arch: str, rope_interleave: bool = True) -> torch.nn.Module:
     common = {
         "vocab_size": VOCAB,
         "hidden_size": 64,
@@ -135,6 +135,7 @@ def _random_hf_model(arch: str) -> torch.nn.Module:
             qk_rope_head_dim=8,
             v_head_dim=12,
             num_nextn_predict_layers=0,
+            rope_interleave=rope_interleave,
         )
         model = transformers.DeepseekV3ForCausalLM(config)
     _perturb(model)
@@ -183,3 +184,16 @@ def test_dense_import_and_upcycling_reproduce_transformers_logits(arch: str, tmp
     assert dense.config.moe is None and upcycled.config.moe.num_experts == 4
     main(["import", str(tmp_path), str(tmp_path / "ours"), "--upcycle_experts", "4", "--upcycle_top_k", "2"])
     assert yaml.safe_load((tmp_path / "ours" / "model.yaml").read_text())["moe"]["num_experts"] == 4
+
+
+@pytest.mark.parametrize("rope_interleave", [True, False], ids=["interleaved", "rotate_half"])
+def test_deepseek_import_honours_rope_interleave(rope_interleave: bool, tmp_path: Path) -> None:
+    # rope_interleave: false stores the rotary rows in our rotate-half layout; permuting them anyway (as if
+    # interleaved) moves the logits by ~1e-2.
+    hf_model = _random_hf_model("deepseek_v3", rope_interleave=rope_interleave)
+    hf_model.save_pretrained(tmp_path)
+    tokens = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        expected = hf_model(tokens).logits
+        ours = import_model(tmp_path).eval()(tokens).logits
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=RTOL)

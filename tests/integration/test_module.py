@@ -14,6 +14,7 @@ from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.lightning.optim import OptimConfig
 from sdmoe_train.models.config import TransformerConfig
 from sdmoe_train.models.presets import tiny_deepseek_moe
+from tests.integration.trainers import cpu_trainer
 
 VOCAB = 64
 SEQ = 16
@@ -31,18 +32,6 @@ def _loader(num_batches: int, batch_size: int = 2) -> DataLoader:
     blocks = torch.randint(0, VOCAB, (num_batches * batch_size, SEQ + 1), generator=generator)
     return DataLoader(
         TensorDataset(blocks), batch_size=batch_size, collate_fn=lambda rows: torch.stack([r[0] for r in rows])
-    )
-
-
-def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        **kwargs,
     )
 
 
@@ -69,7 +58,7 @@ class _CountingModule(PretrainModule):
 def test_bias_update_runs_once_per_optimizer_step_on_loads_summed_over_micro_batches(tmp_path: Path) -> None:
     module = _CountingModule(_arch(), OptimConfig(warmup_steps=1, schedule="constant"))
     initial = module._biases()
-    trainer = _trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, enable_checkpointing=False)
+    trainer = cpu_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2)
     trainer.fit(module, train_dataloaders=_loader(6))
     assert len(module.micro_batch_loads) == 6
     assert len(module.biases_after_step) == 3
@@ -84,7 +73,7 @@ def test_bias_update_runs_once_per_optimizer_step_on_loads_summed_over_micro_bat
 
 def test_training_logs_losses_per_layer_learning_rate_throughput_and_grad_norm(tmp_path: Path) -> None:
     module = PretrainModule(_arch(), OptimConfig(warmup_steps=1, schedule="constant"))
-    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=2, val_check_interval=2, enable_checkpointing=False)
+    trainer = cpu_trainer(tmp_path, max_steps=2, limit_val_batches=2, val_check_interval=2)
     trainer.fit(module, train_dataloaders=_loader(2), val_dataloaders=_loader(2))
     logged = set(trainer.logged_metrics)
     expected = {
@@ -108,7 +97,7 @@ def test_training_logs_losses_per_layer_learning_rate_throughput_and_grad_norm(t
 
 def test_checkpoint_round_trips_tokens_seen_and_routing_biases(tmp_path: Path) -> None:
     module = PretrainModule(_arch(), OptimConfig(warmup_steps=1, schedule="constant"))
-    trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=False)
+    trainer = cpu_trainer(tmp_path, max_steps=2)
     trainer.fit(module, train_dataloaders=_loader(2))
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)

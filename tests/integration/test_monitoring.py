@@ -23,13 +23,14 @@ from sdmoe_train.lightning.callbacks import (
     RoutingHealthMonitor,
     SpectralOverlapMonitor,
 )
-from sdmoe_train.lightning.callbacks.monitor import FIGURES_FILE
 from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.lightning.optim import OptimConfig
 from sdmoe_train.moe.sdmoe import SDMoEConfig
 from sdmoe_train.moe.ssmoe_router import SSMoEConfig
+from sdmoe_train.report.figures import FIGURES_FILE
 from tests.integration import monitor_ddp
 from tests.integration.sdmoe_ddp import SEQ, VOCAB, tiny_arch
+from tests.integration.trainers import quiet_cpu_trainer
 
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=2, schedule="constant")
 BATCH = 4
@@ -59,15 +60,11 @@ def _fit(
     batches: int = 3,
     **trainer_kwargs: object,
 ) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_cpu_trainer(
         default_root_dir=tmp_path,
         max_steps=max_steps,
         logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs", version=""),
         log_every_n_steps=50,  # the monitors must not depend on it
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=callbacks,
         **trainer_kwargs,
     )
@@ -228,15 +225,7 @@ def test_with_wandb_the_monitors_log_scalars_and_svg_heatmap_panels_offline(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = L.pytorch.loggers.WandbLogger(project="monitor-test", save_dir=str(tmp_path), offline=True)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=_monitors(every=2),
-    )
+    trainer = quiet_cpu_trainer(max_steps=2, logger=logger, callbacks=_monitors(every=2))
     trainer.fit(_module(enabled=True, rank=4), train_dataloaders=_loader())
     logger.experiment.finish()
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")

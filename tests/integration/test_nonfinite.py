@@ -12,7 +12,8 @@ from sdmoe_train.errors import TrainingHaltedError
 from sdmoe_train.lightning.callbacks import NonFiniteGuard
 from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.lightning.optim import OptimConfig
-from tests.integration.test_module import _arch, _loader, _trainer
+from tests.integration.test_module import _arch, _loader
+from tests.integration.trainers import cpu_trainer
 
 
 class _PoisonGradients(L.Callback):
@@ -33,7 +34,7 @@ class _PoisonGradients(L.Callback):
 def test_nonfinite_step_is_skipped_without_touching_weights_biases_or_moments(tmp_path: Path) -> None:
     module = PretrainModule(_arch(), OptimConfig(warmup_steps=1, schedule="constant"))
     poison, guard = _PoisonGradients({2}), NonFiniteGuard(max_consecutive=2)
-    _trainer(tmp_path, max_steps=4, callbacks=[poison, guard]).fit(module, _loader(4))
+    cpu_trainer(tmp_path, max_steps=4, callbacks=[poison, guard]).fit(module, _loader(4))
     before, skipped, after = poison.snapshots[0], poison.snapshots[1], poison.snapshots[2]
     for key in before:
         torch.testing.assert_close(skipped[key], before[key], rtol=0, atol=0, msg=f"{key} changed on a skipped step")
@@ -47,7 +48,7 @@ def test_consecutive_nonfinite_steps_stop_training_with_a_clear_message(tmp_path
     module = PretrainModule(_arch(), OptimConfig(warmup_steps=1, schedule="constant"))
     guard = NonFiniteGuard(max_consecutive=3)
     with pytest.raises(TrainingHaltedError, match=r"3 consecutive optimizer steps .* Lower model.optim.lr"):
-        _trainer(tmp_path, max_steps=10, callbacks=[_PoisonGradients(set(range(2, 11))), guard]).fit(
+        cpu_trainer(tmp_path, max_steps=10, callbacks=[_PoisonGradients(set(range(2, 11))), guard]).fit(
             module, _loader(10)
         )
     assert guard.skipped_total == 3

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
-from sdmoe_train.models.transformer import Transformer, next_token_loss
+from sdmoe_train.models.transformer import Transformer, language_model_loss
 
 VOCAB, BATCH, SEQ_LEN, STEPS = 128, 4, 32, 80
 MEMORISED_LOSS = 0.5
@@ -69,7 +69,7 @@ def _train(model: Transformer, tokens: torch.Tensor, update_biases: bool) -> lis
     losses = []
     for _ in range(STEPS):
         out = model(tokens)
-        loss = next_token_loss(out.logits, tokens) + out.moe.loss
+        loss = language_model_loss(out.logits[:, :-1], tokens[:, 1:]) + out.moe.loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -20,7 +20,7 @@ pytest.importorskip("safetensors")
 def test_ssmoe_checkpoint_export_is_refused_unless_dropped_and_then_routes_as_c_zero(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sdmoe_train.models.hf_io import import_model
+    from sdmoe_train.interop.hf.driver import import_model
 
     config = presets.tiny_qwen_moe()
     config.n_layers, config.vocab_size, config.max_seq_len = 2, 64, 32

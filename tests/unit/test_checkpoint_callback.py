@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from sdmoe_train.checkpointing.periodic import RNG_STATES_KEY
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.callbacks import PeriodicCheckpoint
-from sdmoe_train.lightning.callbacks.checkpoint import RNG_STATES_KEY
 
 
 def _draws() -> tuple[float, float, float]:

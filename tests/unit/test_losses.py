@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from sdmoe_train.models.config import MoEConfig
+from sdmoe_train.moe.config import MoEConfig
 from sdmoe_train.moe.dispatch import expert_capacity
 from sdmoe_train.moe.layer import MoELayer
 from sdmoe_train.moe.losses import load_balance_loss, router_z_loss, sequence_balance_loss

@@ -9,12 +9,15 @@ from typing import Any
 import pytest
 import torch
 
+from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.callbacks import (
     GateAlignmentMonitor,
     GradientAlignmentMonitor,
     RoutingHealthMonitor,
     SpectralOverlapMonitor,
 )
+from sdmoe_train.lightning.contract import MoETrainingModule
+from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.models.presets import tiny_qwen_moe
 from sdmoe_train.models.transformer import MoEAux, Transformer
 from sdmoe_train.moe.sdmoe import SDMoEConfig, apply_spectral_decoupling
@@ -63,6 +66,11 @@ def _model(sdmoe: bool = False) -> Transformer:
     return model
 
 
+def _module(model: Transformer) -> SimpleNamespace:
+    """The side of PretrainModule the callbacks see (sdmoe_train.lightning.contract.MoETrainingModule)."""
+    return SimpleNamespace(model=model, expert_groups=None, last_routing=None, step_skipped=False)
+
+
 def _fake_routing(counts_LE: list[list[int]], z_loss: float) -> MoEAux:
     layers = len(counts_LE)
     return MoEAux(
@@ -77,7 +85,7 @@ def _fake_routing(counts_LE: list[list[int]], z_loss: float) -> MoEAux:
 
 
 def test_routing_health_sums_micro_batches_reduces_over_ranks_and_logs_known_values(tmp_path: Path) -> None:
-    trainer, module = _trainer(tmp_path), SimpleNamespace(model=_model(), last_routing=None)
+    trainer, module = _trainer(tmp_path), _module(_model())
     monitor = RoutingHealthMonitor(every_n_steps=2)
     monitor.setup(trainer, module, "fit")
     feeds = [
@@ -112,7 +120,7 @@ def test_other_ranks_join_every_collective_but_write_nothing(tmp_path: Path) -> 
     runs = {}
     for rank_zero in (True, False):
         trainer = _trainer(tmp_path / str(rank_zero), rank_zero)
-        module = SimpleNamespace(model=_model(sdmoe=True), last_routing=None)
+        module = _module(_model(sdmoe=True))
         monitors = [
             RoutingHealthMonitor(every_n_steps=1),
             SpectralOverlapMonitor(every_n_steps=1, rank=2),
@@ -136,7 +144,7 @@ def test_other_ranks_join_every_collective_but_write_nothing(tmp_path: Path) -> 
 
 def test_spectral_overlap_of_identical_experts_is_one_and_of_random_experts_near_chance(tmp_path: Path) -> None:
     model = _model()
-    trainer, module = _trainer(tmp_path), SimpleNamespace(model=model, last_routing=None)
+    trainer, module = _trainer(tmp_path), _module(model)
     monitor = SpectralOverlapMonitor(every_n_steps=1, rank=2, matrices=["up"])
     monitor.setup(trainer, module, "fit")
     with torch.no_grad():
@@ -159,7 +167,7 @@ def test_spectral_overlap_of_identical_experts_is_one_and_of_random_experts_near
 
 def test_gradient_alignment_sums_only_the_window_and_sees_a_planted_shared_gradient(tmp_path: Path) -> None:
     model = _model()
-    trainer, module = _trainer(tmp_path), SimpleNamespace(model=model, last_routing=None)
+    trainer, module = _trainer(tmp_path), _module(model)
     monitor = GradientAlignmentMonitor(every_n_steps=4, window=2, rank=1, common_rank=1, matrices=["gate"])
     monitor.setup(trainer, module, "fit")
     bank = model.blocks[1].ffn.experts
@@ -177,3 +185,16 @@ def test_gradient_alignment_sums_only_the_window_and_sees_a_planted_shared_gradi
     assert metrics["gradient/gate_left_alignment_mean/layer_01"] > 0.99
     assert metrics["gradient/gate_left_alignment_mean/layer_00"] < 0.5
     assert not monitor.state_dict()["sums"], "the window is cleared after publishing"
+
+
+@pytest.mark.parametrize("monitor_type", [RoutingHealthMonitor, SpectralOverlapMonitor, GateAlignmentMonitor])
+def test_a_module_without_the_callback_contract_is_refused_at_setup(tmp_path: Path, monitor_type: type) -> None:
+    module = SimpleNamespace(model=_model(), last_routing=None)
+    with pytest.raises(ConfigError, match=rf"{monitor_type.__name__} needs a LightningModule with expert_groups, "):
+        monitor_type(every_n_steps=1).setup(_trainer(tmp_path), module, "fit")
+
+
+def test_pretrain_module_provides_the_callback_contract() -> None:
+    module = PretrainModule(tiny_qwen_moe())
+    assert isinstance(module, MoETrainingModule)
+    assert module.expert_groups is None and module.last_routing is None and module.step_skipped is False

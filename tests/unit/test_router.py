@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sdmoe_train.models.config import MoEConfig
+from sdmoe_train.moe.config import MoEConfig
 from sdmoe_train.moe.router import Router
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.models.config import TransformerConfig
 from sdmoe_train.models.presets import tiny_qwen_moe
-from sdmoe_train.models.transformer import Transformer, next_token_loss
+from sdmoe_train.models.transformer import Transformer, language_model_loss
 from sdmoe_train.moe.experts import ExpertBank
 from sdmoe_train.moe.sdmoe import (
     MATRIX_TYPES,
@@ -68,10 +68,10 @@ def _model(**sdmoe: object) -> Transformer:
 def _backward(model: Transformer, seed: int = 0) -> None:
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
     out = model(tokens)
-    (next_token_loss(out.logits, tokens) + out.moe.loss).backward()
+    (language_model_loss(out.logits[:, :-1], tokens[:, 1:]) + out.moe.loss).backward()
 
 
-# --- initialisation (spec §3) ----------------------------------------------------------------------
+# --- initialisation (docs/design/sdmoe.md §3) ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -115,7 +115,7 @@ def test_layers_and_matrix_types_get_different_common_parts() -> None:
     assert not torch.allclose(banks[0].parts("gate")[0], banks[0].parts("up")[0])
 
 
-# --- gradient split (spec §4) ----------------------------------------------------------------------
+# --- gradient split (docs/design/sdmoe.md §4) ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -175,7 +175,7 @@ def test_project_gradients_splits_every_decomposed_gradient_of_a_model() -> None
         for matrix in MATRIX_TYPES:
             common, unique, left, right = bank.parts(matrix)
             raw_common, raw_unique = raw[id(bank), matrix]
-            # autograd's W_c gradient is the sum of the per-expert proxy gradients (spec §4).
+            # autograd's W_c gradient is the sum of the per-expert proxy gradients (docs/design/sdmoe.md §4).
             torch.testing.assert_close(raw_common, raw_unique.sum(0), atol=1e-6, rtol=1e-5)
             assert (left.T @ unique.grad).abs().max() < 1e-5 * raw_unique.abs().max()
             assert (unique.grad @ right).abs().max() < 1e-5 * raw_unique.abs().max()
@@ -218,7 +218,7 @@ def test_strict_adamw_steps_keep_unique_parts_in_the_complement_of_the_bases_use
         assert worst > 1e-3, "AdamW's elementwise scaling should leave the complement without strict mode"
 
 
-# --- basis refresh (spec §5) -----------------------------------------------------------------------
+# --- basis refresh (docs/design/sdmoe.md §5) -----------------------------------------------------------------------
 
 
 def _with_gap(model: Transformer) -> None:

@@ -39,7 +39,7 @@ def _bank(num_experts: int = 6, hidden_dim: int = 24, expert_hidden_dim: int = 1
 
 @torch.no_grad()
 def _loop_rows(bank: ExpertBank, router_ED: torch.Tensor, k: int) -> torch.Tensor:
-    """An independent per-expert, per-vector loop of spec §2 (canonical signs)."""
+    """An independent per-expert, per-vector loop of docs/design/ssmoe.md §2 (canonical signs)."""
     rows = []
     for expert in range(bank.num_experts):
         matrices = (bank.gate_proj[expert], bank.up_proj[expert], bank.down_proj[expert].T)

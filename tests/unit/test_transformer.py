@@ -12,10 +12,10 @@ from torch import Tensor
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.models.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
-from sdmoe_train.models.mlp import SwiGLU
 from sdmoe_train.models.rope import apply_rotary, rotary_tables
 from sdmoe_train.models.transformer import Transformer
 from sdmoe_train.moe.layer import MoELayer
+from sdmoe_train.moe.mlp import SwiGLU
 
 
 def _num_moe_layers(config: TransformerConfig) -> int:

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.interop.hf.upcycle import upcycle_dense_model
 from sdmoe_train.models import presets
 from sdmoe_train.models.config import AttentionConfig, TransformerConfig
 from sdmoe_train.models.transformer import Transformer
-from sdmoe_train.moe.upcycle import upcycle_dense_model
 
 
 def _dense() -> Transformer:

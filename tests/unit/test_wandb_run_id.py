@@ -6,7 +6,7 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 
-from sdmoe_train.cli import WANDB_RUN_ID_FILE, persist_wandb_run_id
+from sdmoe_train.checkpointing.wandb_run_id import WANDB_RUN_ID_FILE, persist_wandb_run_id
 
 
 def _trainer_config(run_dir: Path, run_id: str | None = None) -> Namespace:

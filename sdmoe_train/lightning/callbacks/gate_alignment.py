@@ -1,4 +1,4 @@
-"""Alignment of router rows with the dominant directions of each MoE layer's input space (spec §8)."""
+"""Alignment of router rows with the dominant directions of each MoE layer's input space (docs/design/sdmoe.md §8)."""
 
 # Shape key: B sequences, S tokens, T = B·S tokens, D model width, E experts, L experts on this rank, F expert
 # width, K directions.
@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, expert_groups, layer_name
-from sdmoe_train.lightning.callbacks.spectral_overlap import expert_matrices
+from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
+from sdmoe_train.lightning.contract import training_module
 from sdmoe_train.moe.diagnostics import (
     gate_alignment,
     row_gram,
@@ -62,7 +62,7 @@ class GateAlignmentMonitor(IntervalMonitor):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        hidden_dim = pl_module.model.config.hidden_dim
+        hidden_dim = training_module(pl_module, type(self).__name__).model.config.hidden_dim
         if self.directions > hidden_dim:
             raise ConfigError(
                 f"GateAlignmentMonitor.directions={self.directions} must not exceed the model width {hidden_dim}"
@@ -80,7 +80,8 @@ class GateAlignmentMonitor(IntervalMonitor):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.interval_completed(trainer) and self._probe_BS is not None:
-            scalars, figures = self.measure(pl_module.model, expert_groups(pl_module))
+            module = training_module(pl_module, type(self).__name__)
+            scalars, figures = self.measure(module.model, module.expert_groups)
             self.publish(trainer, scalars, figures)
 
     @torch.no_grad()
@@ -99,7 +100,7 @@ class GateAlignmentMonitor(IntervalMonitor):
         figures: list[Figure] = []
         summaries: dict[str, list[Tensor]] = {}
         for index, layer in self.monitored:
-            gate_LFD, up_LFD = (expert_matrices(layer.experts, matrix)["proxy"] for matrix in ("gate", "up"))
+            gate_LFD, up_LFD = (layer.experts.applied_weight(matrix) for matrix in ("gate", "up"))
             local_gram_DD = row_gram(torch.cat((gate_LFD, up_LFD), dim=1).flatten(0, 1))
             directions = {
                 "hidden": top_right_singular_vectors(hidden[index], self.directions),

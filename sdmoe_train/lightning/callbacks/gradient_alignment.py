@@ -1,4 +1,4 @@
-"""Gradient-subspace alignment between experts, and gradient energy in the common subspace (spec §8)."""
+"""Gradient-subspace alignment between experts, and gradient energy in the common subspace (docs/design/sdmoe.md §8)."""
 
 # Shape key: E experts, L experts on this rank, M matrix rows (out), N matrix columns (in), K common rank.
 
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, expert_groups, layer_name
+from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
 from sdmoe_train.lightning.callbacks.spectral_overlap import (
     SIDES,
     add_pair_statistics,
@@ -19,25 +19,15 @@ from sdmoe_train.lightning.callbacks.spectral_overlap import (
     check_svd_method,
     side_similarities,
 )
+from sdmoe_train.lightning.contract import training_module
 from sdmoe_train.moe.diagnostics import SVDMethod, common_energy_share, top_singular_subspaces
-from sdmoe_train.moe.sdmoe import MATRIX_TYPES, DecoupledExpertBank, MatrixType
+from sdmoe_train.moe.experts import MATRIX_TYPES, ExpertBank, MatrixType
 from sdmoe_train.parallel.groups import ExpertParallelGroups
 from sdmoe_train.parallel.monitoring import expert_mean, gather_experts
 
 
-def proxy_gradient(bank: Any, matrix: MatrixType) -> Tensor | None:
-    """Each (local) expert's gradient of its applied weight W[i] (L, M, N), as autograd left it.
-
-    For an SD-MoE type that is the gradient of the unique part W_u[i] before the spec §4 projection (the
-    proxy is ``W_c + W_u[i]``), so it must be read before ``PretrainModule.on_before_optimizer_step`` runs.
-    """
-    if isinstance(bank, DecoupledExpertBank) and matrix in bank.decomposed:
-        return bank.parts(matrix)[1].grad
-    return getattr(bank, f"{matrix}_proj").grad
-
-
 def common_bases(
-    bank: Any, matrix: MatrixType, rank: int, svd: SVDMethod, groups: ExpertParallelGroups | None = None
+    bank: ExpertBank, matrix: MatrixType, rank: int, svd: SVDMethod, groups: ExpertParallelGroups | None = None
 ) -> tuple[Tensor, Tensor]:
     """(U_k, V_k) of the layer's common subspace for one matrix type.
 
@@ -46,10 +36,10 @@ def common_bases(
     (our definition, so that both arms get a number); under expert parallelism that mean is one (M, N)
     all-reduce over the expert-parallel group.
     """
-    if isinstance(bank, DecoupledExpertBank) and matrix in bank.decomposed:
-        _, _, left_MK, right_NK = bank.parts(matrix)
-        return left_MK, right_NK
-    return top_singular_subspaces(expert_mean(getattr(bank, f"{matrix}_proj"), groups), rank, svd)
+    bases = bank.common_bases(matrix)
+    if bases is not None:
+        return bases
+    return top_singular_subspaces(expert_mean(bank.applied_weight(matrix), groups), rank, svd)
 
 
 class GradientAlignmentMonitor(IntervalMonitor):
@@ -121,7 +111,9 @@ class GradientAlignmentMonitor(IntervalMonitor):
         with torch.no_grad():
             for index, layer in self.monitored:
                 for matrix in self.matrices:
-                    grad_LMN = proxy_gradient(layer.experts, matrix)
+                    # Read before PretrainModule.on_before_optimizer_step splits SD-MoE gradients
+                    # (docs/design/sdmoe.md §4).
+                    grad_LMN = layer.experts.applied_weight_grad(matrix)
                     if grad_LMN is None:
                         continue
                     key = f"{index}.{matrix}"
@@ -135,7 +127,7 @@ class GradientAlignmentMonitor(IntervalMonitor):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.interval_completed(trainer) and self._sums:
-            scalars, figures = self.measure(expert_groups(pl_module))
+            scalars, figures = self.measure(training_module(pl_module, type(self).__name__).expert_groups)
             self.publish(trainer, scalars, figures)
             self._sums, self._steps_summed = {}, 0
 

@@ -20,8 +20,6 @@ never between intervals.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,30 +29,10 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.lightning.contract import training_module
 from sdmoe_train.moe.layer import MoELayer
-from sdmoe_train.parallel.groups import ExpertParallelGroups
-
-FIGURES_FILE = Path("monitor") / "figures.jsonl"
-"""Figures of all monitors, one JSON object per line, under the Trainer's ``log_dir``."""
-
-
-@dataclass
-class Figure:
-    """A matrix (heatmap) or vector (bar chart) a monitor publishes next to its scalars."""
-
-    name: str
-    """Metric-style name, e.g. ``spectral/proxy_gate/layer_03``."""
-    values: Tensor
-    """(rows, columns) for a heatmap, (bars,) for a bar chart."""
-    row_label: str
-    """What the rows (or bars) index, e.g. ``expert``."""
-    column_label: str
-    """What the columns index (heatmaps), or what the bar height is (bar charts)."""
-
-
-def expert_groups(pl_module: L.LightningModule) -> ExpertParallelGroups | None:
-    """The module's expert-parallel layout (``PretrainModule.expert_groups``), None without expert parallelism."""
-    return getattr(pl_module, "expert_groups", None)
+from sdmoe_train.report.figures import FIGURES_FILE, Figure, append_figures
+from sdmoe_train.report.svg import bars_svg, heatmap_svg
 
 
 def layer_name(index: int) -> str:
@@ -79,8 +57,8 @@ class IntervalMonitor(L.Callback):
         self._published_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        moe_layers = dict(pl_module.model.moe_layers())
         name = type(self).__name__
+        moe_layers = dict(training_module(pl_module, name).model.moe_layers())
         if not moe_layers:
             raise ConfigError(f"{name} monitors MoE layers, but model.arch.moe is null (every layer is dense)")
         chosen = list(moe_layers) if self.layers is None else self.layers
@@ -125,7 +103,7 @@ class IntervalMonitor(L.Callback):
             logger.log_metrics(metrics, step=step)
         if figures:
             figures = [Figure(f.name, f.values.detach().float().cpu(), f.row_label, f.column_label) for f in figures]
-            _append_figures(log_dir / FIGURES_FILE, step, figures)
+            append_figures(log_dir / FIGURES_FILE, step, figures)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     _log_wandb_figures(logger, step, figures)
@@ -137,25 +115,9 @@ class IntervalMonitor(L.Callback):
         self._published_step = state_dict["published_step"]
 
 
-def _append_figures(path: Path, step: int, figures: list[Figure]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as stream:
-        for figure in figures:
-            record = {
-                "step": step,
-                "name": figure.name,
-                "values": figure.values.tolist(),
-                "row_label": figure.row_label,
-                "column_label": figure.column_label,
-            }
-            stream.write(json.dumps(record) + "\n")
-
-
 def _log_wandb_figures(logger: WandbLogger, step: int, figures: list[Figure]) -> None:
     """Heatmaps and bar charts as W&B HTML panels (inline SVG: no image library needed, works offline)."""
-    import wandb
-
-    from sdmoe_train.report.svg import bars_svg, heatmap_svg
+    import wandb  # only runs with a WandbLogger get here; importing wandb takes seconds
 
     media = {}
     for figure in figures:

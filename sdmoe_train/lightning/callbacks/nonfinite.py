@@ -17,6 +17,7 @@ import lightning as L
 import torch
 
 from sdmoe_train.errors import ConfigError, TrainingHaltedError
+from sdmoe_train.lightning.contract import training_module
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ class NonFiniteGuard(L.Callback):
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.skipped_total = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        training_module(pl_module, type(self).__name__)
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -60,7 +64,7 @@ class NonFiniteGuard(L.Callback):
         # AdamW skips parameters without a gradient: no update, no weight decay, no moment change.
         for parameter in pl_module.parameters():
             parameter.grad = None
-        pl_module.step_skipped = True
+        training_module(pl_module, type(self).__name__).step_skipped = True
         if self.consecutive >= self.max_consecutive:
             checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
             raise TrainingHaltedError(

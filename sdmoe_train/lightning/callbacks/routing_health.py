@@ -1,4 +1,4 @@
-"""Routing health of the MoE layers: loads, balance statistics, balancing losses and biases (spec §8)."""
+"""Routing health of the MoE layers: loads, balance, balancing losses and biases (docs/design/sdmoe.md §8)."""
 
 # Shape key: L monitored layers, E experts.
 
@@ -12,8 +12,9 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
 from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
+from sdmoe_train.lightning.contract import training_module
+from sdmoe_train.models.transformer import MoEAux
 from sdmoe_train.moe.diagnostics import load_health
-from sdmoe_train.moe.ssmoe_router import SpectralRouter, router_diagnostics
 
 
 class RoutingHealthMonitor(IntervalMonitor):
@@ -31,7 +32,7 @@ class RoutingHealthMonitor(IntervalMonitor):
     ranks; tokens per expert = load fraction × this), the interval means of ``load_balance_loss``,
     ``seq_balance_loss`` and ``z_loss``, and ``bias_abs_mean`` (aux-loss-free balancing biases). With
     ``per_expert`` also ``routing/load_fraction/layer_NN/expert_EE`` and ``routing/bias/layer_NN/expert_EE``.
-    Layers routed by SSMoE (``model.ssmoe``) add its diagnostics (ssmoe spec §6) as
+    Layers routed by SSMoE (``model.ssmoe``) add its diagnostics (docs/design/ssmoe.md §6) as
     ``routing/ssmoe_<quantity>/layer_NN``: ``row_cos_mean``, ``learned_cos_mean``, ``spectral_entropy`` and
     ``changed_share`` (the loads above already count SSMoE's final selection).
     Figures: the load fractions of each layer as a bar chart.
@@ -53,11 +54,11 @@ class RoutingHealthMonitor(IntervalMonitor):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._accumulate(pl_module.last_routing)
+        self._accumulate(training_module(pl_module, type(self).__name__).last_routing)
         if self.interval_completed(trainer):
             self._publish_interval(trainer)
 
-    def _accumulate(self, record: Any) -> None:
+    def _accumulate(self, record: MoEAux | None) -> None:
         if record is None or record is self._last_record:
             return
         self._last_record = record
@@ -101,9 +102,8 @@ class RoutingHealthMonitor(IntervalMonitor):
             for (index, _), value in zip(self.monitored, values_L, strict=True):
                 scalars[f"routing/{name}/{layer_name(index)}"] = value
         for index, layer in self.monitored:
-            if isinstance(layer.router, SpectralRouter):
-                for name, value in router_diagnostics(layer.router).items():
-                    scalars[f"routing/ssmoe_{name}/{layer_name(index)}"] = value
+            for name, value in layer.router.diagnostics().items():
+                scalars[f"routing/ssmoe_{name}/{layer_name(index)}"] = value
         figures = []
         for row, (index, _) in enumerate(self.monitored):
             figures.append(

@@ -1,4 +1,4 @@
-"""Parameter spectral overlap between the routed experts of each MoE layer (spec §8, our definition)."""
+"""Parameter spectral overlap between the routed experts of each MoE layer (docs/design/sdmoe.md §8, our definition)."""
 
 # Shape key: E experts, L experts on this rank, M matrix rows (out), N matrix columns (in), R diagnostic rank.
 
@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, expert_groups, layer_name
+from sdmoe_train.lightning.callbacks.monitor import Figure, IntervalMonitor, layer_name
+from sdmoe_train.lightning.contract import training_module
 from sdmoe_train.moe.diagnostics import SVDMethod, off_diagonal_mean_max, subspace_similarity
-from sdmoe_train.moe.sdmoe import MATRIX_TYPES, DecoupledExpertBank, MatrixType
+from sdmoe_train.moe.experts import MATRIX_TYPES, ExpertBank, MatrixType
 from sdmoe_train.parallel.groups import ExpertParallelGroups
 from sdmoe_train.parallel.monitoring import expert_subspaces
 
@@ -27,13 +28,12 @@ def check_svd_method(monitor: str, svd: str) -> SVDMethod:
     return svd  # type: ignore[return-value]
 
 
-def expert_matrices(bank: Any, matrix: MatrixType) -> dict[str, Tensor]:
+def expert_matrices(bank: ExpertBank, matrix: MatrixType) -> dict[str, Tensor]:
     """(L, M, N) stacks of this rank's experts, one matrix type: ``proxy`` always, ``unique`` if SD-MoE splits it."""
-    if not isinstance(bank, DecoupledExpertBank):
-        return {"proxy": getattr(bank, f"{matrix}_proj")}
-    parts = {"proxy": bank.proxy(matrix)}
-    if matrix in bank.decomposed:
-        parts["unique"] = bank.parts(matrix)[1]
+    parts = {"proxy": bank.applied_weight(matrix)}
+    unique_LMN = bank.unique_part(matrix)
+    if unique_LMN is not None:
+        parts["unique"] = unique_LMN
     return parts
 
 
@@ -53,8 +53,9 @@ class SpectralOverlapMonitor(IntervalMonitor):
         layers: block indices to monitor (None: every MoE layer).
         rank: r, the subspace dimension (the SD-MoE common rank k is the natural choice).
         matrices: expert matrix types to measure.
-        svd: ``lowrank`` (batched randomised SVD, fixed seed) or ``full`` (batched ``torch.linalg.svd``, ~40x
-            the cost on 512 x 512 experts); see :func:`~sdmoe_train.moe.diagnostics.top_singular_subspaces`.
+        svd: ``lowrank`` (batched randomised SVD, fixed seed) or ``full`` (batched ``torch.linalg.svd``, many
+            times the cost on large experts; benchmarks/README.md); see
+            :func:`~sdmoe_train.moe.diagnostics.top_singular_subspaces`.
     """
 
     def __init__(
@@ -83,7 +84,7 @@ class SpectralOverlapMonitor(IntervalMonitor):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.interval_completed(trainer):
-            scalars, figures = self.measure(expert_groups(pl_module))
+            scalars, figures = self.measure(training_module(pl_module, type(self).__name__).expert_groups)
             self.publish(trainer, scalars, figures)
 
     @torch.no_grad()
@@ -142,11 +143,9 @@ def side_similarities(
     return subspace_similarity(left_EMR), subspace_similarity(right_ENR)
 
 
-def check_rank(monitor: str, rank: int, bank: Any, matrices: list[MatrixType]) -> None:
+def check_rank(monitor: str, rank: int, bank: ExpertBank, matrices: list[MatrixType]) -> None:
     """Raise ConfigError unless ``rank`` is in [1, min(out, in)) of every measured expert matrix."""
-    gate_EFD, up_EFD, down_EDF = bank.expert_weights()
-    shapes = {"gate": gate_EFD.shape[1:], "up": up_EFD.shape[1:], "down": down_EDF.shape[1:]}
-    smallest = min(min(shapes[matrix]) for matrix in matrices)
+    smallest = min(min(bank.applied_weight(matrix).shape[1:]) for matrix in matrices)
     if not 1 <= rank < smallest:
         raise ConfigError(
             f"{monitor}.rank={rank} must lie in [1, {smallest - 1}]: below the smaller side of every measured "

@@ -22,15 +22,15 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
+from sdmoe_train.cli.recipe import recipe_data_parser
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.module import PretrainModule, language_model_loss
-from sdmoe_train.models.transformer import Transformer
+from sdmoe_train.io import write_text_atomically
+from sdmoe_train.lightning.module import PretrainModule
+from sdmoe_train.models.transformer import Transformer, language_model_loss
 from sdmoe_train.moe.diagnostics import load_health
 from sdmoe_train.moe.ssmoe_router import SSMoEConfig, set_spectral_blend, spectral_routers
-from sdmoe_train.recipe_parser import recipe_data_parser
 
-USAGE_EPILOG = """\
-SSMoE evaluation:
+USAGE = """\
   sdmoe-train ssmoe-eval --config RECIPE.yaml --ckpt_path CKPT [--blends [0,0.25,0.5,1]] [--ssmoe.k 50]
       validation loss and routing health with the learned router (c = 0) and blended spectral routing
 """
@@ -154,5 +154,5 @@ def run(argv: list[str]) -> list[dict[str, float]]:
     print(format_table(rows))
     if config.output is not None:
         report = {"ckpt": config.ckpt_path, "ssmoe": dataclasses.asdict(ssmoe), "rows": rows}
-        Path(config.output).write_text(json.dumps(report, indent=2))
+        write_text_atomically(config.output, json.dumps(report, indent=2))
     return rows

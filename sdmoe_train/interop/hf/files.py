@@ -1,7 +1,8 @@
 """Reading and writing Hugging Face checkpoint directories: config.json, sharded safetensors, tokenizer files.
 
-The tensor and setting correspondence lives in :mod:`sdmoe_train.models.hf_export`; this file only moves
-bytes. ``safetensors`` is needed at runtime; ``transformers`` is not.
+The tensor and setting correspondence lives in the family adapters (:mod:`sdmoe_train.interop.hf.families`)
+and the driver that applies them (:mod:`sdmoe_train.interop.hf.driver`); this file only moves bytes, every
+write atomic. ``safetensors`` is needed at runtime; ``transformers`` is not.
 """
 
 from __future__ import annotations
@@ -9,17 +10,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
-import torch
 from torch import Tensor
 
+from sdmoe_train.data.tokenizer import EOS_CANDIDATES, load_tokenizer
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.io import atomic_path, copy_file_atomically, write_text_atomically
 from sdmoe_train.models.config import TransformerConfig
-from sdmoe_train.models.hf_export import HFArchitecture, detect_architecture, hf_config, to_hf_state_dict
-from sdmoe_train.models.hf_import import config_from_hf, detect_hf_architecture, from_hf_state_dict, key_layout
-from sdmoe_train.models.transformer import Transformer
-from sdmoe_train.moe.sdmoe import decoupled_banks
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -121,8 +119,6 @@ def copy_tokenizer(source: str | Path, out_dir: Path, config: TransformerConfig)
     else:
         raise ConfigError(f"--tokenizer={str(source)!r} does not exist; give a tokenizer.json or its directory")
     if not (out_dir / "tokenizer_config.json").is_file():
-        from sdmoe_train.data.tokenizer import EOS_CANDIDATES, load_tokenizer
-
         tokenizer = load_tokenizer(out_dir / "tokenizer.json")
         settings: dict[str, object] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -136,72 +132,9 @@ def copy_tokenizer(source: str | Path, out_dir: Path, config: TransformerConfig)
     return [Path(p) for p in copied]
 
 
-def export_model(
-    model: Transformer,
-    out_dir: str | Path,
-    arch: HFArchitecture | None = None,
-    tokenizer: str | Path | None = None,
-    max_shard_size: str | int = "5GB",
-) -> HFArchitecture:
-    """Write ``model`` (plain expert banks; merge SD-MoE first) as a transformers checkpoint directory.
-
-    Args:
-        model: the model to export; its parameters' dtype is kept.
-        out_dir: created if missing; receives config.json, safetensors weights and tokenizer files.
-        arch: target architecture; None picks the one that matches ``model.config`` exactly.
-        tokenizer: tokenizer.json file or tokenizer directory to copy, or None.
-        max_shard_size: largest weight file, e.g. ``"2GB"``.
-
-    Returns:
-        The architecture written.
-
-    Raises:
-        ConfigError: the model cannot be expressed exactly in ``arch`` (every differing setting listed).
-    """
-    config = model.config
-    arch = arch or detect_architecture(config)
-    settings = hf_config(config, arch, dtype=model.embed.weight.dtype)
-    if decoupled_banks(model):
-        raise ConfigError("the model's experts are SD-MoE decoupled; call merge_spectral_decoupling(model) first")
-    tensors = to_hf_state_dict(model.state_dict(), config, arch)
-    out = Path(out_dir)
-    save_safetensors(tensors, out, max_shard_size)
-    write_text_atomically(out / CONFIG_FILE, json.dumps(settings, indent=2) + "\n")
-    if tokenizer is not None:
-        copy_tokenizer(tokenizer, out, config)
-    return arch
-
-
-def read_hf_config(hf_dir: str | Path) -> dict:
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     """The parsed config.json of a checkpoint directory."""
     path = Path(hf_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{hf_dir}: no {CONFIG_FILE}; expected a Hugging Face checkpoint directory")
     return json.loads(path.read_text())
-
-
-def import_model(hf_dir: str | Path, upcycle_experts: int | None = None, upcycle_top_k: int = 2) -> Transformer:
-    """Our fp32 :class:`Transformer` holding the weights of a transformers checkpoint directory.
-
-    Args:
-        hf_dir: directory with config.json and safetensors weights.
-        upcycle_experts: for a dense checkpoint (qwen2, qwen3), turn every MLP into this many identical
-            experts (see :mod:`sdmoe_train.moe.upcycle`); None imports the model as it is.
-        upcycle_top_k: experts per token of the upcycled layers.
-
-    Raises:
-        ConfigError: unsupported architecture or settings (listed), or tensors missing / left over.
-    """
-    settings = read_hf_config(hf_dir)
-    config = config_from_hf(settings)
-    state = from_hf_state_dict(load_safetensors(Path(hf_dir)), config, key_layout(detect_hf_architecture(settings)))
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    if upcycle_experts is None:
-        return model
-    from sdmoe_train.moe.upcycle import upcycle_dense_model
-
-    return upcycle_dense_model(model, upcycle_experts, upcycle_top_k)

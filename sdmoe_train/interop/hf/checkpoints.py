@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import yaml
 
+from sdmoe_train.checkpointing.model_state import MODEL_PREFIX, model_state
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.interop.hf.driver import HFExport, export_model, import_model
+from sdmoe_train.interop.hf.families import adapter_for
+from sdmoe_train.interop.hf.files import TOKENIZER_FILES, read_hf_config
 from sdmoe_train.io import atomic_path, copy_file_atomically, write_text_atomically
-from sdmoe_train.lightning.module import MODEL_PREFIX, model_state
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
-from sdmoe_train.models.hf_export import HFArchitecture
-from sdmoe_train.models.hf_import import detect_hf_architecture
-from sdmoe_train.models.hf_io import TOKENIZER_FILES, export_model, import_model, read_hf_config
 from sdmoe_train.models.transformer import Transformer
 from sdmoe_train.moe.sdmoe import SDMoEConfig, apply_spectral_decoupling, is_decoupled_state, merge_spectral_decoupling
 from sdmoe_train.moe.ssmoe_router import SSMoEConfig, is_spectral_state, without_spectral_rows
@@ -105,26 +106,38 @@ def load_checkpoint_model(ckpt_path: str | Path, drop_ssmoe: bool = False) -> Tr
 def export_checkpoint(
     ckpt_path: str | Path,
     out_dir: str | Path,
-    arch: HFArchitecture | None = None,
+    arch: str | None = None,
     tokenizer: str | Path | None = None,
     max_shard_size: str | int = "5GB",
     drop_ssmoe: bool = False,
-) -> HFArchitecture:
+) -> HFExport:
     """Write a training checkpoint as a transformers checkpoint directory (see :func:`export_model`).
 
     ``drop_ssmoe`` exports a checkpoint with SSMoE spectral routers by keeping only its learned routers
     (see :func:`load_checkpoint_model`).
 
     Returns:
-        The architecture written (chosen from the config when ``arch`` is None).
+        The family written (chosen from the config when ``arch`` is None) and the settings converted.
     """
     model = load_checkpoint_model(ckpt_path, drop_ssmoe)
     return export_model(model, out_dir, arch=arch, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
 
+@dataclass
+class HFImport:
+    """What :func:`import_checkpoint` wrote."""
+
+    weights: Path
+    """``model.ckpt``: the weights, loadable by ``PretrainModule.load_from_checkpoint`` and ``model.init_from``."""
+    arch_file: Path
+    """``model.yaml``: the ``model.arch`` section of a recipe."""
+    notes: list[str] = field(default_factory=list)
+    """Settings converted rather than copied (one line each), for the user to see."""
+
+
 def import_checkpoint(
     hf_dir: str | Path, out_dir: str | Path, upcycle_experts: int | None = None, upcycle_top_k: int = 2
-) -> Path:
+) -> HFImport:
     """Turn a transformers checkpoint directory into a model preset plus weights our trainer reads.
 
     Writes ``out_dir/model.yaml`` (the ``model.arch`` section of a recipe), ``out_dir/model.ckpt``
@@ -132,17 +145,20 @@ def import_checkpoint(
     ``upcycle_experts`` turns a dense checkpoint's MLPs into that many identical experts (top-``upcycle_top_k``).
 
     Returns:
-        The path of ``model.ckpt``.
+        The files written and the settings converted on the way.
     """
     settings = read_hf_config(hf_dir)
+    adapter = adapter_for(settings.get("model_type"))
     model = import_model(hf_dir, upcycle_experts, upcycle_top_k)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
+    notes = adapter.conversion_notes(config)
     upcycled = "" if upcycle_experts is None else f", MLPs upcycled into {upcycle_experts} experts"
     header = (
-        f"# Architecture imported from {Path(hf_dir).resolve()} ({detect_hf_architecture(settings)}{upcycled}).\n"
+        f"# Architecture imported from {Path(hf_dir).resolve()} ({adapter.model_type}{upcycled}).\n"
         "# Training-only settings (balancing losses, bias update rate) are defaults; set them for your run.\n"
+        + "".join(f"# Converted: {note}\n" for note in notes)
     )
     arch_yaml = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
     write_text_atomically(out / IMPORTED_ARCH_FILE, header + arch_yaml)
@@ -156,4 +172,4 @@ def import_checkpoint(
     for name in TOKENIZER_FILES:
         if (Path(hf_dir) / name).is_file():
             copy_file_atomically(Path(hf_dir) / name, out / name)
-    return out / IMPORTED_WEIGHTS_FILE
+    return HFImport(out / IMPORTED_WEIGHTS_FILE, out / IMPORTED_ARCH_FILE, notes)

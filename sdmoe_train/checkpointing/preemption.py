@@ -1,6 +1,6 @@
 """Save at the next step boundary on a preemption signal, then requeue the Slurm job and exit cleanly.
 
-Signal handlers only set flags (:mod:`sdmoe_train.preemption`). After every optimizer step all ranks
+Signal handlers only set flags (:mod:`sdmoe_train.checkpointing.signals`). After every optimizer step all ranks
 reduce their flags (one tiny all-reduce), so they agree on the same step even when the signal
 reached only some of them. Then every :class:`PeriodicCheckpoint` saves, training stops, and in
 ``teardown`` rank 0 requeues the job: the requeued run resumes from that checkpoint by auto-resume.
@@ -25,9 +25,9 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from sdmoe_train import preemption
+from sdmoe_train.checkpointing import signals, slurm
+from sdmoe_train.checkpointing.periodic import PeriodicCheckpoint
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.lightning.callbacks.checkpoint import PeriodicCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ class PreemptionHandler(L.Callback):
         release_requeued: bool = True,
     ) -> None:
         try:
-            self.requeue_signal = preemption.parse_signal(requeue_signal)
-            self.stop_signals = [preemption.parse_signal(name) for name in (stop_signals or ["SIGTERM"])]
+            self.requeue_signal = signals.parse_signal(requeue_signal)
+            self.stop_signals = [signals.parse_signal(name) for name in (stop_signals or ["SIGTERM"])]
         except ValueError as error:
             raise ConfigError(f"PreemptionHandler: {error}") from error
         if self.requeue_signal in self.stop_signals:
@@ -70,7 +70,7 @@ class PreemptionHandler(L.Callback):
         self._install()
 
     def _install(self) -> None:
-        replaced = preemption.install_signal_flags([self.requeue_signal, *self.stop_signals])
+        replaced = signals.install_signal_flags([self.requeue_signal, *self.stop_signals])
         # Keep the handlers from before the first install (the trainer's own are restored by the trainer).
         for signum, handler in replaced.items():
             self._replaced_handlers.setdefault(signum, handler)
@@ -89,8 +89,8 @@ class PreemptionHandler(L.Callback):
         if trainer.global_step == self._checked_step:
             return  # inside gradient accumulation: not a step boundary
         self._checked_step = trainer.global_step
-        request = _REQUEUE if preemption.received(self.requeue_signal) else _NONE
-        if request == _NONE and any(preemption.received(signum) for signum in self.stop_signals):
+        request = _REQUEUE if signals.received(self.requeue_signal) else _NONE
+        if request == _NONE and any(signals.received(signum) for signum in self.stop_signals):
             request = _STOP
         if trainer.world_size > 1:
             flag = torch.tensor([request], device=trainer.strategy.root_device)
@@ -107,12 +107,12 @@ class PreemptionHandler(L.Callback):
         trainer.should_stop = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        preemption.restore_signal_handlers(self._replaced_handlers)
+        signals.restore_signal_handlers(self._replaced_handlers)
         self._replaced_handlers = {}
         if self.stopped_for != "requeue" or not trainer.is_global_zero or self.requeue == "never":
             return
-        job_id = preemption.current_slurm_job()
+        job_id = slurm.current_slurm_job()
         if job_id is None:
             log.warning("stopped for %s but not inside a Slurm job: nothing to requeue", self.requeue_signal.name)
             return
-        preemption.requeue_slurm_job(job_id, release=self.release_requeued)
+        slurm.requeue_slurm_job(job_id, release=self.release_requeued)

@@ -1,7 +1,4 @@
-"""``sdmoe-train report``: an HTML dashboard of one or more runs from their logged metrics.
-
-Kept apart from :mod:`sdmoe_train.cli` so that the LightningCLI entry point only dispatches here.
-"""
+"""``sdmoe-train report``: an HTML dashboard of one or more runs from their logged metrics."""
 
 from __future__ import annotations
 
@@ -10,8 +7,7 @@ from pathlib import Path
 
 from sdmoe_train.report.dashboard import write_dashboard
 
-USAGE_EPILOG = """\
-dashboards:
+USAGE = """\
   sdmoe-train report RUN_DIR [RUN_DIR ...] [--out FILE.html] [--labels NAME ...]
       loss, spectral overlap, gradient and gate alignment, routing health over time and the latest heatmaps
       of the monitoring callbacks, as one self-contained HTML file (several runs: overlaid)

@@ -1,6 +1,6 @@
 """Consolidate a :class:`~sdmoe_train.parallel.deepspeed.MoEDeepSpeedStrategy` checkpoint into one file.
 
-``python -m sdmoe_train.parallel.checkpoint CHECKPOINT_DIR OUT.ckpt`` reads the per-rank files, joins the
+``sdmoe-train consolidate CHECKPOINT_DIR OUT.ckpt`` reads the per-rank files, joins the
 expert slices of the first expert-parallel group (ranks 0..P-1; other groups hold replicas) into full
 (E, ...) tensors and writes a Lightning-style checkpoint with the model weights, hyper-parameters and
 token count but no optimizer state. It loads with ``PretrainModule.load_from_checkpoint`` and starts a run
@@ -9,15 +9,15 @@ at any ``ep_size`` through ``model.init_from``.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.parallel.deepspeed import LAYOUT_KEY, rank_file
+from sdmoe_train.io import atomic_path
 from sdmoe_train.parallel.expert_parallel import merge_expert_shards
+from sdmoe_train.parallel.rank_files import LAYOUT_KEY, rank_file
 
 _KEPT_ENTRIES = ("hyper_parameters", "hparams_name", "sdmoe_train", "epoch", "global_step", "pytorch-lightning_version")
 
@@ -49,16 +49,9 @@ def consolidate_checkpoint(directory: str | Path) -> dict[str, Any]:
     return consolidated
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``CHECKPOINT_DIR OUT.ckpt``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        raise SystemExit("usage: python -m sdmoe_train.parallel.checkpoint CHECKPOINT_DIR OUT.ckpt")
-    out = Path(argv[1])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(consolidate_checkpoint(argv[0]), out)
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()
+def write_consolidated_checkpoint(directory: str | Path, out: str | Path) -> Path:
+    """:func:`consolidate_checkpoint` of ``directory`` written atomically to ``out``; returns ``out``."""
+    consolidated = consolidate_checkpoint(directory)
+    with atomic_path(out) as temp:
+        torch.save(consolidated, temp)
+    return Path(out)

@@ -2,7 +2,7 @@
 
 A save goes to a hidden ``.NAME.partial`` sibling (a file, or a directory of shards under a sharded
 strategy), is fsynced and renamed into place on rank 0, and only then recorded in ``manifest.json``
-(:mod:`sdmoe_train.io.checkpoints`) and older checkpoints pruned. A SIGKILL at any point therefore
+(:mod:`sdmoe_train.checkpointing.manifest`) and older checkpoints pruned. A SIGKILL at any point therefore
 leaves every previously listed checkpoint intact, and auto-resume (``sdmoe-train fit`` with
 ``--auto_resume true``, the default) picks the newest one that verifies.
 
@@ -14,7 +14,6 @@ torch CPU and CUDA), restored on each rank right before the first resumed step.
 from __future__ import annotations
 
 import logging
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from sdmoe_train.checkpointing.manifest import record_checkpoint, remove_stale_partials
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.io import publish
-from sdmoe_train.io.checkpoints import record_checkpoint, remove_stale_partials
+from sdmoe_train.parallel.gather import all_gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning builds the checkpoint on every rank but writes rank 0's, so gather every rank's state.
-        checkpoint[RNG_STATES_KEY] = _all_gather_objects(trainer, _rng_state())
+        checkpoint[RNG_STATES_KEY] = all_gather_objects(trainer, _rng_state())
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._restored_rng_states = checkpoint.get(RNG_STATES_KEY)
@@ -145,17 +145,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _all_gather_objects(trainer: L.Trainer, value: Any) -> list[Any]:
-    if trainer.world_size == 1:
-        return [value]
-    strategy = trainer.strategy
-    payload = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8)
-    # all_gather needs equal shapes on every rank, and NCCL needs device tensors.
-    lengths = strategy.all_gather(torch.tensor([len(payload)], device=strategy.root_device)).flatten().cpu()
-    padded = torch.zeros(int(lengths.max()), dtype=torch.uint8)
-    padded[: len(payload)] = payload
-    gathered = strategy.all_gather(padded.to(strategy.root_device)).cpu()
-    # Only this run's own ranks produced these bytes.
-    return [pickle.loads(gathered[rank, : int(length)].numpy().tobytes()) for rank, length in enumerate(lengths)]

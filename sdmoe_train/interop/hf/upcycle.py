@@ -15,9 +15,9 @@ import dataclasses
 import torch
 
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.models.config import MoEConfig
-from sdmoe_train.models.mlp import SwiGLU
 from sdmoe_train.models.transformer import Transformer
+from sdmoe_train.moe.config import MoEConfig
+from sdmoe_train.moe.mlp import SwiGLU
 
 
 @torch.no_grad()

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdmoe_train.errors import ConfigError
-from sdmoe_train.io import atomic_path, write_text_atomically
-from sdmoe_train.io.checkpoints import (
+from sdmoe_train.checkpointing.manifest import (
     MANIFEST_FILE,
     checkpoint_problem,
     newest_valid_checkpoint,
@@ -19,6 +17,8 @@ from sdmoe_train.io.checkpoints import (
     record_checkpoint,
     verify_checkpoint,
 )
+from sdmoe_train.errors import ConfigError
+from sdmoe_train.io import atomic_path, write_text_atomically
 
 
 def test_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path: Path) -> None:

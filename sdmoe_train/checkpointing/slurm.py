@@ -1,14 +1,10 @@
-"""Preemption signals as flags, and requeueing the current Slurm job.
-
-A signal handler here only records which signal arrived. Saving inside the handler would run
-collectives and file writes at an arbitrary point of the training step, which is known to deadlock
-data-parallel runs; instead :class:`~sdmoe_train.lightning.callbacks.PreemptionHandler` polls the
-flags at the next optimizer-step boundary, where all ranks agree and save together.
+"""Requeueing the current Slurm job, and releasing it from Slurm's BeginTime hold.
 
 Slurm leaves a requeued job pending with ``Reason=BeginTime`` for about 120 s, and ``scontrol update
 StartTime=now`` only takes effect once the job really is PENDING, which happens after this job's
 processes have exited. The release therefore cannot run inside the job: :func:`requeue_slurm_job`
 submits it as a separate one-CPU job that waits for PENDING and releases, so it survives the requeue.
+``sdmoe-train requeue JOB_ID`` runs the same from a batch script.
 """
 
 from __future__ import annotations
@@ -16,68 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import signal
 import subprocess
-from types import FrameType
-from typing import Any
 
 log = logging.getLogger(__name__)
-
-_received: dict[int, int] = {}
-"""Signal number -> times received since :func:`install_signal_flags` (written by the handler only)."""
-
-
-def _record(signum: int, frame: FrameType | None) -> None:
-    # Runs between two bytecodes of the main thread: no locks, no I/O, no collectives.
-    _received[signum] = _received.get(signum, 0) + 1
-
-
-def parse_signal(name: str) -> signal.Signals:
-    """The signal called ``name`` (``"USR1"``, ``"SIGUSR1"``; case-insensitive).
-
-    Raises:
-        ValueError: For an unknown name, listing the usual choices.
-    """
-    key = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
-    try:
-        return signal.Signals[key]
-    except KeyError:
-        raise ValueError(f"unknown signal {name!r}; use e.g. SIGUSR1, SIGUSR2, SIGTERM or SIGINT") from None
-
-
-def install_signal_flags(signals: list[signal.Signals]) -> dict[signal.Signals, Any]:
-    """Makes each signal set a flag instead of running its default action (usually: terminate).
-
-    Returns:
-        The handlers that were replaced, for :func:`restore_signal_handlers`.
-    """
-    previous = {}
-    for signum in signals:
-        current = signal.getsignal(signum)
-        if current is not _record:
-            previous[signum] = current
-            signal.signal(signum, _record)
-    return previous
-
-
-def restore_signal_handlers(previous: dict[signal.Signals, Any]) -> None:
-    """Puts back handlers returned by :func:`install_signal_flags` and forgets those signals' flags.
-
-    None stands for a handler installed outside Python; it becomes the default action.
-    """
-    for signum, handler in previous.items():
-        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        _received.pop(signum, None)
-
-
-def signal_flags_installed(signum: signal.Signals) -> bool:
-    """Whether ``signum`` currently only sets a flag."""
-    return signal.getsignal(signum) is _record
-
-
-def received(signum: signal.Signals) -> bool:
-    """Whether ``signum`` arrived since its flag was installed."""
-    return _received.get(signum, 0) > 0
 
 
 def current_slurm_job() -> str | None:
@@ -135,20 +72,3 @@ def requeue_slurm_job(job_id: str, release: bool = True) -> None:
             log.warning("could not submit the release job (%s); job %s waits ~120 s", result.stderr.strip(), job_id)
     subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True, timeout=60)
     log.info("requeued Slurm job %s", job_id)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m sdmoe_train.preemption requeue JOB_ID``: requeue plus release, for batch scripts."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m sdmoe_train.preemption")
-    parser.add_argument("command", choices=["requeue"])
-    parser.add_argument("job_id", help="the Slurm job id (ARRAYID_TASK for an array task)")
-    parser.add_argument("--no_release", action="store_true", help="leave the ~120 s BeginTime hold in place")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    requeue_slurm_job(args.job_id, release=not args.no_release)
-
-
-if __name__ == "__main__":
-    main()

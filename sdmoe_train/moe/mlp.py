@@ -1,9 +1,18 @@
-"""SwiGLU feed-forward (Shazeer, arXiv 2002.05202): ``down(silu(gate(x)) * up(x))``."""
+"""SwiGLU feed-forward (Shazeer, arXiv 2002.05202): ``down(silu(gate(x)) * up(x))``.
+
+The building block both packages share: ``models/`` uses :class:`SwiGLU` for dense layers, ``moe/`` for
+the always-on shared experts and :func:`swiglu` inside the routed expert banks.
+"""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """The SwiGLU hidden activation ``silu(gate) * up`` of the two input projections."""
+    return F.silu(gate) * up
 
 
 class SwiGLU(nn.Module):
@@ -16,4 +25,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_dim, hidden_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

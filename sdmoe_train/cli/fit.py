@@ -1,0 +1,137 @@
+"""``sdmoe-train fit|validate|test``: a LightningCLI over :class:`PretrainModule` and :class:`PretrainDataModule`.
+
+``sdmoe-train fit|validate|test --config RECIPE.yaml [--dotted.key=value ...]``; unknown keys and invalid
+values are rejected while the recipe is parsed. ``fit`` resumes from the newest valid checkpoint unless told
+otherwise (:mod:`sdmoe_train.checkpointing.resume`) and validates once before a fresh run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+import torch
+from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.cli import LightningCLI
+
+from sdmoe_train.checkpointing import signals
+from sdmoe_train.checkpointing.resume import resolve_resume_checkpoint, verify_explicit_checkpoint
+from sdmoe_train.checkpointing.wandb_run_id import persist_wandb_run_id
+from sdmoe_train.data import PretrainDataModule
+from sdmoe_train.errors import ConfigError
+from sdmoe_train.lightning.callbacks import NonFiniteGuard, PreemptionHandler
+from sdmoe_train.lightning.module import PretrainModule
+
+SUBCOMMANDS = ("fit", "validate", "test")
+"""The subcommands LightningCLI parses (it also answers ``--help`` and a missing subcommand)."""
+
+
+def default_precision(accelerator: Any) -> str:
+    """bf16 mixed precision on GPUs; fp32 on CPU, whose lack of bf16 instructions makes autocast ~20x slower."""
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+class PretrainCLI(LightningCLI):
+    """LightningCLI with CPU/GPU precision defaults and a validation pass before training."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--auto_resume",
+            type=bool,
+            default=True,
+            help="fit without --ckpt_path: continue from the newest valid checkpoint in the PeriodicCheckpoint "
+            "dirpath (falls back to older ones if the newest is damaged); false always starts afresh",
+        )
+        parser.add_argument(
+            "--validate_before_fit",
+            type=bool,
+            default=True,
+            help="fit: run validation once before the first step (skipped when resuming), to log the initial loss",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would replace the recipe's model section with the checkpoint's hyper-parameters.
+        # Here the recipe stays authoritative: PretrainModule reports every difference when the checkpoint
+        # is loaded. The file itself is verified first, so damage is named instead of failing in torch.load.
+        subcommand = self.config.get("subcommand")
+        verify_explicit_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            # jsonargparse reports a ConfigError raised inside a nested (Optional) dataclass as a
+            # ValueError that quotes it; before training starts every such error is bad input.
+            raise ConfigError(f"invalid configuration: {error}") from error
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.precision is None:
+            config.trainer.precision = default_precision(config.trainer.accelerator)
+        if self.subcommand == "fit":
+            persist_wandb_run_id(config.trainer)
+
+    def before_fit(self) -> None:
+        config = self.config.fit
+        self._initial_val_loss: float | None = None
+        add_default_callbacks(self.trainer)
+        ckpt_path = resolve_resume_checkpoint(self.trainer, config.ckpt_path, config.auto_resume)
+        self.config_init.fit.ckpt_path = ckpt_path
+        if ckpt_path is not None and self.trainer.is_global_zero:
+            print(f"resuming from {ckpt_path}")
+        if config.validate_before_fit and ckpt_path is None:
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            self._initial_val_loss = _metric(self.trainer, "val/loss")
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        final = _metric(self.trainer, "val/loss")
+        if self._initial_val_loss is not None and final is not None:
+            print(f"validation loss: {self._initial_val_loss:.4f} before training -> {final:.4f} after")
+        elif final is not None:
+            print(f"validation loss after training: {final:.4f}")
+        best = self.trainer.checkpoint_callback
+        if best is not None and best.last_model_path:
+            print(f"last checkpoint: {best.last_model_path}")
+
+
+def add_default_callbacks(trainer: Any) -> None:
+    """Adds a default :class:`PreemptionHandler` and :class:`NonFiniteGuard` unless the recipe configures them."""
+    for callback_type in (PreemptionHandler, NonFiniteGuard):
+        if not any(isinstance(callback, callback_type) for callback in trainer.callbacks):
+            trainer.callbacks.append(callback_type())
+
+
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the epilog's lines (the other subcommands) kept as written."""
+
+
+def _metric(trainer: Any, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
+
+
+def run(argv: list[str] | None, epilog: str) -> None:
+    """Run LightningCLI on ``argv`` (None: it reads ``sys.argv`` itself), with ``epilog`` under ``--help``.
+
+    For ``fit`` a pre-timeout signal is held as a flag from the start: one that arrives while the model and
+    data are built is acted on at the first step (PreemptionHandler) instead of killing the process.
+    """
+    arguments = sys.argv[1:] if argv is None else argv
+    replaced = signals.install_signal_flags([signal.SIGUSR1]) if arguments[:1] == ["fit"] else {}
+    try:
+        PretrainCLI(
+            PretrainModule,
+            PretrainDataModule,
+            # None: LightningCLI reads sys.argv itself, and warns when given both.
+            args=argv,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"epilog": epilog, "formatter_class": _HelpFormatter},
+        )
+    finally:
+        signals.restore_signal_handlers(replaced)

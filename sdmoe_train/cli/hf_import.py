@@ -1,0 +1,43 @@
+"""``sdmoe-train import``: a Hugging Face transformers checkpoint as our ``model.yaml`` preset plus weights."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sdmoe_train.interop.hf.checkpoints import import_checkpoint
+
+USAGE = """\
+  sdmoe-train import HF_DIR OUT_DIR [--upcycle_experts N --upcycle_top_k K]
+      write OUT_DIR/model.yaml (the model.arch recipe section) and OUT_DIR/model.ckpt (weights)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdmoe-train import",
+        description="Turn a transformers Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 (or dense Qwen2 / Qwen3) checkpoint "
+        "into our preset + weights.",
+    )
+    parser.add_argument("hf_dir", type=Path, help="directory holding config.json and *.safetensors")
+    parser.add_argument("out_dir", type=Path, help="receives model.yaml, model.ckpt and the tokenizer files")
+    parser.add_argument(
+        "--upcycle_experts",
+        type=int,
+        default=None,
+        help="dense checkpoint (qwen2, qwen3) only: copy each MLP into this many experts (sparse upcycling)",
+    )
+    parser.add_argument("--upcycle_top_k", type=int, default=2, help="experts per token after upcycling (default 2)")
+    return parser
+
+
+def run(argv: list[str]) -> None:
+    """Run ``import`` with its arguments (ConfigError propagates to the caller)."""
+    args = _parser().parse_args(argv)
+    written = import_checkpoint(args.hf_dir, args.out_dir, args.upcycle_experts, args.upcycle_top_k)
+    for note in written.notes:
+        print(f"converted: {note}")
+    print(
+        f"imported {args.hf_dir} -> {written.arch_file} (use as --model.arch) and {written.weights} "
+        "(PretrainModule.load_from_checkpoint)"
+    )

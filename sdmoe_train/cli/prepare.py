@@ -1,0 +1,52 @@
+"""``sdmoe-train prepare``: train the tokenizer (when missing) and build the token cache of a recipe's data section.
+
+No model is built; the same ``--config`` file as ``fit`` is accepted (:mod:`sdmoe_train.cli.recipe`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from jsonargparse import ArgumentParser
+
+from sdmoe_train.cli.recipe import recipe_data_parser
+from sdmoe_train.data import build_token_cache, load_tokenizer, train_corpus_tokenizer
+
+USAGE = """\
+  sdmoe-train prepare --config RECIPE.yaml [--retrain_tokenizer true]
+      train the tokenizer if its file is missing, then tokenize, pack and cache the corpus
+"""
+
+
+def _parser() -> ArgumentParser:
+    parser = recipe_data_parser(
+        "sdmoe-train prepare",
+        "Train the tokenizer (if missing) and build the token cache for a recipe's data section.",
+    )
+    parser.add_argument("--retrain_tokenizer", type=bool, default=False, help="retrain even if the file exists")
+    return parser
+
+
+def run(argv: list[str]) -> None:
+    """``sdmoe-train prepare``: tokenizer training and token-cache building."""
+    parser = _parser()
+    config = parser.parse_args(argv)
+    corpus = parser.instantiate(config).data.corpus
+    tokenizer_path = Path(corpus.tokenizer)
+    if config.retrain_tokenizer or not tokenizer_path.exists():
+        started = time.perf_counter()
+        train_corpus_tokenizer(corpus, tokenizer_path)
+        print(
+            f"trained a {corpus.vocab_size}-token byte-level BPE tokenizer in {time.perf_counter() - started:.1f} s "
+            f"-> {tokenizer_path}"
+        )
+    if corpus.streaming:
+        print("data.corpus.streaming=true: documents are tokenized while training; no token cache to build")
+        return
+    started = time.perf_counter()
+    cache = build_token_cache(corpus, load_tokenizer(tokenizer_path))
+    print(
+        f"token cache {cache.path} ready in {time.perf_counter() - started:.1f} s: "
+        f"{len(cache.train_tokens):,} train / {len(cache.val_tokens):,} validation tokens"
+    )

@@ -1,0 +1,1 @@
+"""Conversion to and from other projects' checkpoint formats (today: Hugging Face transformers, :mod:`.hf`)."""
