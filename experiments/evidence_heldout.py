@@ -2,7 +2,8 @@
 
 The held-out documents (``heldout/<source>.jsonl``, written by :mod:`evidence_corpus`) were never trained on
 and are not the validation split either. Each source is tokenized like the training data (documents followed
-by EOS), packed into the training ``seq_len`` windows, and every token after the first is scored once.
+by EOS), packed into the training ``seq_len`` windows, and every token after the stream's first is scored once
+(up to the end of the last complete window; the few tokens after it are left out).
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ import os
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
-from evidence_runner import Job, read_record
+from evidence_runner import LOG_DIR, Job, earlier_metric_dirs, read_record
 from evidence_study import Arm, Layout, Study
 from evidence_svg import Series, grouped_bars, line_chart
 
@@ -197,12 +198,35 @@ def load_results(study: Study, layout: Layout, arms: list[Arm], jobs: list[Job],
         if record is None:
             continue
         arm_name, seed_name = job.run_id.split("/")
-        run_log = read_run(job.run_dir)
         run_evaluation = {k: v for stage in evaluation.values() for k, v in stage.get(job.run_id, {}).items()}
         results.append(
-            RunResult(by_name[arm_name], int(seed_name.removeprefix("seed_")), record, run_log.scalars, run_evaluation)
+            RunResult(
+                by_name[arm_name],
+                int(seed_name.removeprefix("seed_")),
+                record,
+                read_scalars(job.run_dir),
+                run_evaluation,
+            )
         )
     return results
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    """Every logged scalar of a run over all its attempts: name -> (step, value) in step order.
+
+    An attempt that resumed from a checkpoint retrained the steps after it, so an earlier attempt's points are
+    kept only before the first step the next attempt logged.
+    """
+    merged: dict[str, list[tuple[float, float]]] = {}
+    for log_dir in [*earlier_metric_dirs(run_dir), run_dir / LOG_DIR]:
+        if not (log_dir / "metrics.csv").is_file():
+            continue
+        scalars = read_run(log_dir).scalars
+        start = min((points[0][0] for points in scalars.values() if points), default=math.inf)
+        merged = {name: [point for point in points if point[0] < start] for name, points in merged.items()}
+        for name, points in scalars.items():
+            merged.setdefault(name, []).extend(points)
+    return merged
 
 
 def spread(values: list[float]) -> dict[str, float | list[float]]:
@@ -214,12 +238,16 @@ def spread(values: list[float]) -> dict[str, float | list[float]]:
 
 
 def mean_curve(runs: list[RunResult], metric: str, x_of: Callable[[float], float] = float) -> Series:
-    """Mean over seeds at the steps every run logged, with the min-max band."""
+    """Mean over the seeds that logged each step, with the min-max band.
+
+    A run whose early log was lost (see :func:`evidence_runner.keep_earlier_metrics`) still contributes from
+    where its log starts; the band shows where seeds disagree.
+    """
     per_run = [dict(run.scalars.get(metric, [])) for run in runs]
-    steps = sorted(set.intersection(*(set(points) for points in per_run))) if per_run else []
+    steps = sorted(set().union(*(set(points) for points in per_run))) if per_run else []
     points, band = [], []
     for step in steps:
-        values = [points_by_step[step] for points_by_step in per_run]
+        values = [points_by_step[step] for points_by_step in per_run if step in points_by_step]
         points.append((x_of(step), sum(values) / len(values)))
         band.append((min(values), max(values)))
     return Series(runs[0].arm.label if runs else metric, points, band if len(runs) > 1 else [])
@@ -537,11 +565,10 @@ def write_report(study: Study, layout: Layout, arms: list[Arm], jobs: list[Job],
     """Write ``summary.json``, ``results.md`` and ``figures/`` into the output directory; return the summary."""
     results = load_results(study, layout, arms, jobs, evaluation)
     if not results:
-        raise SystemExit(f"no finished run under {layout.out_dir / 'runs'}; run the train stage first")
+        raise SystemExit(f"no finished run under {layout.runs_root}; run the train stage first")
     summary = summarise(study, arms, results)
-    training_file = layout.out_dir / "training.json"
-    if training_file.is_file():
-        summary["training"] = json.loads(training_file.read_text())
+    if layout.training_record.is_file():
+        summary["training"] = json.loads(layout.training_record.read_text())
     write_json_atomically(layout.out_dir / "summary.json", json_safe(summary))
     write_text_atomically(layout.out_dir / "results.md", markdown_tables(summary))
     figures_dir = layout.out_dir / "figures"

@@ -189,6 +189,18 @@ class Layout:
     """Corpus, tokenizer and token cache."""
     train_patterns: tuple[str, ...] = ()
     """Train on these files (paths or globs, .jsonl/.txt) instead of the study corpus; held-out files stay."""
+    runs_dir: Path | None = None
+    """Where the run directories live (default ``out_dir/runs``): evaluate and report another study's runs,
+    which are only read, while the evaluation, summary, table and figures go to ``out_dir``."""
+
+    @property
+    def runs_root(self) -> Path:
+        return self.runs_dir if self.runs_dir is not None else self.out_dir / "runs"
+
+    @property
+    def training_record(self) -> Path:
+        """The train stage's timing record, next to the run directories it describes."""
+        return self.runs_root.parent / "training.json"
 
     @property
     def tokenizer(self) -> Path:
@@ -208,7 +220,7 @@ class Layout:
         return [self.data_dir / "train" / "kjv.jsonl", self.data_dir / "train" / "shakespeare.jsonl"]
 
     def run_dir(self, arm: Arm, seed: int) -> Path:
-        return self.out_dir / "runs" / arm.name / f"seed_{seed}"
+        return self.runs_root / arm.name / f"seed_{seed}"
 
 
 def data_section(study: Study, layout: Layout) -> dict[str, Any]:

@@ -88,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="train on these .jsonl/.txt files or globs instead of the study corpus (larger runs need more text)",
     )
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=None,
+        help="run directories to train into or read (default OUT/runs); evaluate and report only read them",
+    )
     parser.add_argument("--docs-dir", type=Path, default=None, help="also copy summary.json and figures here")
     args = parser.parse_args(argv)
     unknown = set(args.stages.split(",")) - set(STAGES)
@@ -126,7 +132,7 @@ def configure(args: argparse.Namespace) -> tuple[Study, Layout, list[Arm]]:
     if study.warmup_steps >= study.steps:
         raise SystemExit(f"--steps={study.steps} must exceed the {study.warmup_steps} warmup steps")
     arms = [arm for arm in ARMS if args.arms is None or arm.name in args.arms.split(",")]
-    return study, Layout(args.out_dir, args.data_dir, tuple(args.train_files or ())), arms
+    return study, Layout(args.out_dir, args.data_dir, tuple(args.train_files or ()), args.runs_dir), arms
 
 
 def prepare(study: Study, layout: Layout) -> None:
@@ -219,7 +225,7 @@ def run_study(args: argparse.Namespace) -> None:
             "load_average_after": os.getloadavg(),
             "cpu_seconds_of_all_runs": round(sum(record["cpu_seconds"] for record in records.values()), 1),
         }
-        write_json_atomically(layout.out_dir / "training.json", timing)
+        write_json_atomically(layout.training_record, timing)
         print(f"training: {timing['wall_seconds']:.0f} s wall for {len(job_list)} runs")
     evaluation_file = layout.out_dir / "evaluation.json"
     if "evaluate" in stages:

@@ -7,8 +7,10 @@ import math
 from pathlib import Path
 
 import evidence_corpus
+import numpy as np
 import pytest
 import torch
+from evidence_heldout import mean_token_loss
 from evidence_probe import complement_part, matrix_structure, pair_overlaps, touching_share
 from evidence_report import chance_levels, first_crossing, spread
 from evidence_study import ARMS, Layout, Study, run_recipe
@@ -105,9 +107,9 @@ def test_touching_share_is_one_inside_zero_outside_and_chance_for_a_random_matri
 
 
 def test_chance_overlap_matches_the_overlap_of_independent_random_experts() -> None:
-    study = Study()
+    study = Study().scaled(hidden_dim=48, **{"moe.expert_hidden_dim": 96})
     chance = chance_levels(study)
-    experts = torch.randn(64, 256, 128, generator=torch.Generator().manual_seed(0))
+    experts = torch.randn(48, 96, 48, generator=torch.Generator().manual_seed(0))
     overlaps = pair_overlaps(experts, [8])
     # gate/up are F x D: the right side is the model-width side.
     assert overlaps["right", 8] == pytest.approx(chance["overlap_d"], rel=0.05)
@@ -116,14 +118,14 @@ def test_chance_overlap_matches_the_overlap_of_independent_random_experts() -> N
 
 def test_structure_metrics_see_a_planted_shared_component_and_remove_it() -> None:
     generator = torch.Generator().manual_seed(0)
-    shared = 128 * _basis(256, 8, 3) @ _basis(128, 8, 4).T
-    experts = shared + torch.randn(8, 256, 128, generator=generator)
+    shared = 64 * _basis(128, 8, 3) @ _basis(64, 8, 4).T
+    experts = shared + torch.randn(8, 128, 64, generator=generator)
     metrics = matrix_structure(experts, "up", ranks=[8], removed_ranks=[8], rank=8)
     assert metrics["overlap_r8_d"] > 0.9 and metrics["overlap_r8_f"] > 0.9
     assert metrics["common_mode_share"] > 0.5
     # Once the shared rank-8 component is gone, what is left is independent noise: chance level r/(m - k).
-    assert metrics["residual_overlap_k8_d"] == pytest.approx(8 / 120, rel=0.15)
-    assert metrics["residual_overlap_k8_f"] == pytest.approx(8 / 248, rel=0.15)
+    assert metrics["residual_overlap_k8_d"] == pytest.approx(8 / 56, rel=0.15)
+    assert metrics["residual_overlap_k8_f"] == pytest.approx(8 / 120, rel=0.15)
     same = matrix_structure(experts[:1].expand(4, -1, -1), "down", ranks=[8], removed_ranks=[8], rank=8)
     assert same["overlap_r8_d"] == pytest.approx(1.0) and same["common_mode_share"] == pytest.approx(1.0)
 
@@ -190,3 +192,31 @@ def test_command_line_scales_the_study_and_rejects_bad_flags(capsys: pytest.Capt
             parse_args(flags)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+# --- held-out perplexity -------------------------------------------------------------------------------
+
+
+class _NextTokenGuesser(torch.nn.Module):
+    """Predicts token x + shift for input x with near-certainty (shift 1 is always right on a counting stream)."""
+
+    def __init__(self, vocab_size: int, shift: int) -> None:
+        super().__init__()
+        self.vocab_size, self.shift = vocab_size, shift
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        return 30.0 * torch.nn.functional.one_hot((tokens_BS + self.shift) % self.vocab_size, self.vocab_size).float()
+
+
+def test_heldout_loss_scores_every_complete_window_once_whatever_the_batch_size() -> None:
+    vocab, seq_len = 11, 4
+    tokens = np.arange(3 * seq_len + 3) % vocab  # three complete windows, two tokens left over
+    right, scored = mean_token_loss(_NextTokenGuesser(vocab, 1), tokens, seq_len, batch_size=2)
+    assert scored == 3 * seq_len
+    assert right < 1e-6
+    wrong, _ = mean_token_loss(_NextTokenGuesser(vocab, 2), tokens, seq_len, batch_size=2)
+    assert wrong == pytest.approx(30.0, abs=1e-3), "a confident wrong guess costs its logit margin"
+    uniform = lambda tokens_BS: torch.zeros(*tokens_BS.shape, vocab)  # noqa: E731
+    for batch_size in (1, 3, 8):
+        loss, _ = mean_token_loss(uniform, tokens, seq_len, batch_size)
+        assert loss == pytest.approx(math.log(vocab))
