@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import yaml
 from evidence_corpus import prepare_corpus
 from evidence_heldout import heldout_perplexity
@@ -69,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", default=None, help="comma-separated arm names (default: all)")
     parser.add_argument("--max-seeds", type=int, default=None, help="run at most this many seeds per arm")
     parser.add_argument("--parallel", type=int, default=2, help="training processes at a time")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per training process")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads per training process and of the evaluate stage"
+    )
     parser.add_argument("--scale", choices=("cpu", "gpu"), default="cpu", help="preset model and schedule size")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step")
@@ -229,6 +232,8 @@ def run_study(args: argparse.Namespace) -> None:
         print(f"training: {timing['wall_seconds']:.0f} s wall for {len(job_list)} runs")
     evaluation_file = layout.out_dir / "evaluation.json"
     if "evaluate" in stages:
+        # Like the training processes: more intra-op threads than free cores make batched SVDs crawl.
+        torch.set_num_threads(args.threads)
         evaluation = evaluate(study, layout, job_list)
     else:
         evaluation = json.loads(evaluation_file.read_text()) if evaluation_file.is_file() else {}
