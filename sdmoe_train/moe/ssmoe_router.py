@@ -21,7 +21,6 @@ for bit in both families, because ``1·s + 0·q`` is ``s`` in floating point.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,11 +102,8 @@ class SpectralRouter(Router):
     Shares the learned router's ``weight`` parameter and ``selection_bias`` buffer (same state_dict names)
     and adds the persistent buffer ``spectral_rows`` (E, D), fp32. U is computed only by :meth:`refresh`;
     loading a state_dict without it (a checkpoint trained without SSMoE) recomputes it from the loaded
-    weights through the MoE layer's load hook installed by :func:`apply_spectral_routing`.
-
-    ``rows_builder`` computes U from (experts, router weight, config); it is the one attribute expert
-    parallelism replaces, with a builder that computes the rows of the rank's local experts and
-    all-gathers them (§4), since the rank then holds only a slice of the experts.
+    weights through the MoE layer's load hook installed by :func:`apply_spectral_routing`. U needs every
+    expert's weights, so SSMoE is refused under expert parallelism (``PretrainModule`` checks it).
     """
 
     def __init__(self, base: Router, config: SSMoEConfig) -> None:
@@ -121,7 +117,6 @@ class SpectralRouter(Router):
         rows_ED = torch.zeros(base.weight.shape, dtype=torch.float32, device=base.weight.device)
         self.register_buffer(SPECTRAL_ROWS, rows_ED, persistent=True)
         self.rows_missing_after_load = False
-        self.rows_builder: Callable[[ExpertBank, Tensor, SSMoEConfig], Tensor] = spectral_router_rows
         self.last_stats: SpectralRoutingStats | None = None
         self.row_geometry: dict[str, Tensor] = {}
 
@@ -164,7 +159,7 @@ class SpectralRouter(Router):
     @torch.no_grad()
     def refresh(self, experts: ExpertBank) -> None:
         """Recompute U from the current expert weights and router rows (§2, §4), and its geometry."""
-        rows_ED = self.rows_builder(experts, self.weight, self.ssmoe)
+        rows_ED = spectral_router_rows(experts, self.weight, self.ssmoe)
         self.spectral_rows.copy_(rows_ED)
         self.row_geometry = spectral_row_geometry(rows_ED, self.weight)
 

@@ -25,6 +25,7 @@ from sdmoe_train.moe.ssmoe_router import (
     set_spectral_blend,
     spectral_diagnostics,
     spectral_routers,
+    spectral_row_geometry,
     without_spectral_rows,
 )
 from sdmoe_train.moe.ssmoe_rows import aligned_singular_mean, spectral_router_rows
@@ -329,9 +330,15 @@ def test_config_rejects_bad_values_naming_the_field(field: str, value: object, m
         SSMoEConfig(**{field: value})
 
 
-def test_refresh_uses_the_replaceable_rows_builder() -> None:
+def test_refresh_stores_the_rows_of_the_current_experts_and_their_geometry() -> None:
     router = SpectralRouter(_router("softmax"), SSMoEConfig(enabled=True))
-    router.rows_builder = lambda experts, weight_ED, config: torch.ones_like(weight_ED)
-    router.refresh(_bank(8, 16, 8))
-    assert torch.equal(router.spectral_rows, torch.ones(8, 16))
-    torch.testing.assert_close(router.row_geometry["row_cos_mean"], torch.tensor(1.0))
+    bank = _bank(8, 16, 8)
+    router.refresh(bank)
+    expected_ED = spectral_router_rows(bank, router.weight, router.ssmoe)
+    assert torch.equal(router.spectral_rows, expected_ED)
+    assert router.row_geometry.keys() == spectral_row_geometry(expected_ED, router.weight).keys()
+    with torch.no_grad():
+        bank.gate_proj.mul_(-1.5).add_(0.3)
+    router.refresh(bank)
+    assert torch.equal(router.spectral_rows, spectral_router_rows(bank, router.weight, router.ssmoe))
+    assert not torch.equal(router.spectral_rows, expected_ED)
