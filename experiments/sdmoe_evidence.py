@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--arms", default=None, help="comma-separated arm names (default: all)")
     parser.add_argument("--max-seeds", type=int, default=None, help="run at most this many seeds per arm")
+    parser.add_argument(
+        "--evaluations",
+        default=None,
+        help=f"comma-separated evaluation stages to run (default: all of {','.join(EVALUATION_STAGES)})",
+    )
     parser.add_argument("--parallel", type=int, default=2, help="training processes at a time")
     parser.add_argument(
         "--threads", type=int, default=1, help="intra-op threads per training process and of the evaluate stage"
@@ -102,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.stages.split(",")) - set(STAGES)
     if unknown:
         parser.error(f"--stages={args.stages!r} names {sorted(unknown)}; valid: {','.join(STAGES)}")
+    if args.evaluations is not None and (bad := set(args.evaluations.split(",")) - set(EVALUATION_STAGES)):
+        parser.error(f"--evaluations={args.evaluations!r} names {sorted(bad)}; valid: {','.join(EVALUATION_STAGES)}")
     names = [arm.name for arm in ARMS]
     if args.arms is not None and (bad := set(args.arms.split(",")) - set(names)):
         parser.error(f"--arms={args.arms!r} names {sorted(bad)}; valid: {','.join(names)}")
@@ -179,8 +186,10 @@ EVALUATION_STAGES: dict[str, EvaluationStage] = {"heldout": heldout_stage, "stru
 """Post-training measures by name, run on every finished checkpoint without retraining."""
 
 
-def evaluate(study: Study, layout: Layout, job_list: list[Job]) -> dict[str, dict[str, float]]:
-    """Run every evaluation stage on the runs that finished and have no cached result yet."""
+def evaluate(
+    study: Study, layout: Layout, job_list: list[Job], stage_names: list[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """Run the evaluation stages (default: all) on the runs that finished and have no cached result yet."""
     cache_path = layout.out_dir / "evaluation.json"
     cache: dict[str, dict[str, dict[str, float]]] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     checkpoints = {
@@ -189,6 +198,8 @@ def evaluate(study: Study, layout: Layout, job_list: list[Job]) -> dict[str, dic
         if (job.run_dir / "run.json").is_file() and (job.run_dir / "checkpoints" / "last.ckpt").is_file()
     }
     for name, stage in EVALUATION_STAGES.items():
+        if stage_names is not None and name not in stage_names:
+            continue
         done = cache.setdefault(name, {})
         todo = {run_id: path for run_id, path in checkpoints.items() if run_id not in done}
         if todo:
@@ -234,7 +245,7 @@ def run_study(args: argparse.Namespace) -> None:
     if "evaluate" in stages:
         # Like the training processes: more intra-op threads than free cores make batched SVDs crawl.
         torch.set_num_threads(args.threads)
-        evaluation = evaluate(study, layout, job_list)
+        evaluation = evaluate(study, layout, job_list, args.evaluations and args.evaluations.split(","))
     else:
         evaluation = json.loads(evaluation_file.read_text()) if evaluation_file.is_file() else {}
     if "report" in stages:

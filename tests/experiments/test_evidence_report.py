@@ -102,9 +102,11 @@ def test_evaluation_runs_each_stage_once_per_finished_checkpoint_and_caches_in_t
         evaluated.extend(checkpoints)
         return {run_id: {"planted/metric": float(len(run_id))} for run_id in checkpoints}
 
-    monkeypatch.setattr(sdmoe_evidence, "EVALUATION_STAGES", {"planted": stage})
-    before = _snapshot(planted.runs_root.parent)
-    evaluation = evaluate(STUDY, planted, jobs(STUDY, planted, ARMS_USED, None))
+    def other_stage(checkpoints: dict[str, Path], study: Study, layout: Layout) -> dict[str, dict[str, float]]:
+        raise AssertionError("a stage that was not asked for ran")
+
+    monkeypatch.setattr(sdmoe_evidence, "EVALUATION_STAGES", {"planted": stage, "other": other_stage})
+    evaluation = evaluate(STUDY, planted, jobs(STUDY, planted, ARMS_USED, None), ["planted"])
     assert sorted(evaluated) == ["baseline/seed_1", "baseline/seed_2", "sdmoe/seed_1"]
     assert evaluation["planted"]["sdmoe/seed_1"] == {"planted/metric": 12.0}
 
@@ -115,10 +117,11 @@ def test_evaluation_runs_each_stage_once_per_finished_checkpoint_and_caches_in_t
         del VALIDATION[("sdmoe", 2)]
     before = _snapshot(planted.runs_root.parent)
     evaluated.clear()
-    evaluation = evaluate(STUDY, planted, jobs(STUDY, planted, ARMS_USED, None))
+    evaluation = evaluate(STUDY, planted, jobs(STUDY, planted, ARMS_USED, None), ["planted"])
     assert evaluated == ["sdmoe/seed_2"], "cached results are not recomputed"
     assert set(evaluation["planted"]) == {"baseline/seed_1", "baseline/seed_2", "sdmoe/seed_1", "sdmoe/seed_2"}
     assert json.loads((planted.out_dir / "evaluation.json").read_text()) == evaluation
+    assert "other" not in evaluation
     assert _snapshot(planted.runs_root.parent) == before
 
 

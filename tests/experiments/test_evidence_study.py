@@ -187,6 +187,7 @@ def test_command_line_scales_the_study_and_rejects_bad_flags(capsys: pytest.Capt
         (["--arms", "baseline,bogus"], "--arms='baseline,bogus' names ['bogus']"),
         (["--stages", "train,plot"], "--stages='train,plot' names ['plot']"),
         (["--parallel", "0"], "--parallel=0 must be >= 1"),
+        (["--evaluations", "heldout,accuracy"], "--evaluations='heldout,accuracy' names ['accuracy']"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             parse_args(flags)
