@@ -32,7 +32,7 @@ def test_runs_are_recorded_once_and_only_finished_or_halted_runs_count_as_done(
 case "$3" in
   */ok/*) echo trained; exit 0;;
   */halted/*) echo "{HALT_MESSAGE} loss not finite"; exit 1;;
-  *) echo crashed; exit 1;;
+  *) mkdir -p "$(dirname "$3")/logs"; echo "step,val/loss" > "$(dirname "$3")/logs/metrics.csv"; exit 1;;
 esac"""
     monkeypatch.setattr(evidence_runner, "sdmoe_train_executable", lambda: _fake_trainer(tmp_path, body))
     jobs = [_job(tmp_path, name) for name in ("ok", "halted", "crashed")]
@@ -55,6 +55,8 @@ esac"""
     assert sum("/ok/" in path for path in trained) == 1, "a finished run is not trained again"
     assert sum("/halted/" in path for path in trained) == 1
     assert sum("/crashed/" in path for path in trained) == 2
+    # The retry's logger would delete the crashed attempt's metrics; the runner moved them aside first.
+    assert (jobs[2].run_dir / "earlier_attempts" / "attempt_1" / "metrics.csv").is_file()
 
 
 def _write_metrics(path: Path, rows: list[tuple[int, float]]) -> None:
