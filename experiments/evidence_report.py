@@ -27,6 +27,8 @@ from sdmoe_train.io import write_json_atomically, write_text_atomically
 from sdmoe_train.report.dashboard import read_run
 
 NAN = float("nan")
+RESUME_MESSAGE = "Restored all states from the checkpoint"
+"""What Lightning prints when ``sdmoe-train fit`` resumes a run from its checkpoint."""
 REFRESH_WINDOW = 0.25
 """Refresh-cycle measurements are averaged over the last quarter of training (they vary per refresh)."""
 
@@ -40,6 +42,8 @@ class RunResult:
     record: dict
     scalars: dict[str, list[tuple[float, float]]]
     evaluation: dict[str, float]
+    resumed: bool = False
+    """Trained in more than one attempt: its record's wall and CPU time cover the last attempt only."""
 
     @property
     def decoupled(self) -> bool:
@@ -183,8 +187,8 @@ RUN_MEASURES: dict[str, tuple[str, Callable[[RunResult, int], float]]] = {
         "largest training loss in the second half",
         lambda r, s: max((v for step, v in r.scalars.get("train/lm_loss", []) if step >= s / 2), default=NAN),
     ),
-    "cpu_minutes": ("CPU minutes", lambda r, s: r.record.get("cpu_seconds", NAN) / 60),
-    "wall_minutes": ("wall minutes", lambda r, s: r.record.get("wall_seconds", NAN) / 60),
+    "cpu_minutes": ("CPU minutes", lambda r, s: NAN if r.resumed else r.record.get("cpu_seconds", NAN) / 60),
+    "wall_minutes": ("wall minutes", lambda r, s: NAN if r.resumed else r.record.get("wall_seconds", NAN) / 60),
 }
 """Per-run measures: key -> (description, function of (run, steps))."""
 
@@ -199,16 +203,16 @@ def load_results(study: Study, layout: Layout, arms: list[Arm], jobs: list[Job],
             continue
         arm_name, seed_name = job.run_id.split("/")
         run_evaluation = {k: v for stage in evaluation.values() for k, v in stage.get(job.run_id, {}).items()}
-        results.append(
-            RunResult(
-                by_name[arm_name],
-                int(seed_name.removeprefix("seed_")),
-                record,
-                read_scalars(job.run_dir),
-                run_evaluation,
-            )
-        )
+        seed = int(seed_name.removeprefix("seed_"))
+        scalars = read_scalars(job.run_dir)
+        results.append(RunResult(by_name[arm_name], seed, record, scalars, run_evaluation, was_resumed(job.run_dir)))
     return results
+
+
+def was_resumed(run_dir: Path) -> bool:
+    """Whether the run continued from a checkpoint after an interruption (its log says so)."""
+    log = run_dir / "train.log"
+    return log.is_file() and RESUME_MESSAGE in log.read_text(errors="replace")
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
@@ -288,6 +292,7 @@ def summarise(study: Study, arms: list[Arm], results: list[RunResult]) -> dict:
             "lr": study.lr * arm.lr_scale,
             "seeds": [run.seed for run in arm_runs],
             "halted_seeds": [run.seed for run in arm_runs if run.record.get("halted")],
+            "resumed_seeds": [run.seed for run in arm_runs if run.resumed],
             "tokens_to_baseline_loss_mean_curve_millions": crossing,
             "measures": measures,
         }
@@ -380,6 +385,8 @@ def markdown_tables(summary: dict) -> str:
             seeds = ",".join(str(seed) for seed in arm["seeds"])
             if arm["halted_seeds"]:
                 seeds += f" (halted: {','.join(str(seed) for seed in arm['halted_seeds'])})"
+            if arm["resumed_seeds"]:
+                seeds += f" (resumed: {','.join(str(seed) for seed in arm['resumed_seeds'])})"
             cells = [_cell(arm["measures"][key], digits) for _, key, digits in columns]
             lines.append(f"| {arm['label']} | {seeds} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -393,7 +400,7 @@ def markdown_tables(summary: dict) -> str:
     )
     lines.append(
         f"Baseline's final validation loss (mean over seeds): {summary['baseline_final_val_loss']:.4f}; "
-        "± is half the range over seeds."
+        "± is half the range over seeds. The time of a resumed seed (trained in several attempts) is left out."
     )
     return "\n".join(lines) + "\n"
 

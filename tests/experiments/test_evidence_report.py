@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import sdmoe_evidence
-from evidence_report import json_safe, write_report
+from evidence_report import RESUME_MESSAGE, json_safe, write_report
 from evidence_study import ARMS, Layout, Study
 from sdmoe_evidence import evaluate, jobs
 
@@ -79,14 +79,21 @@ def test_report_summarises_arms_over_seeds_and_writes_only_into_its_own_folder(p
     assert "SD-MoE k=8" in (planted.out_dir / "figures" / "val_loss.svg").read_text()
 
 
-def test_report_marks_halted_seeds_and_refuses_an_empty_study(planted: Layout, tmp_path: Path) -> None:
+def test_report_marks_halted_and_resumed_seeds_and_refuses_an_empty_study(planted: Layout, tmp_path: Path) -> None:
     VALIDATION[("sdmoe_strict", 1)] = [(0, 8.0), (49, 7.0)]
     try:
         _plant_run(planted, "sdmoe_strict", 1, halted=True)
-        write_report(STUDY, planted, ARMS_USED, jobs(STUDY, planted, ARMS_USED, None), {})
+        resumed_log = planted.runs_root / "sdmoe" / "seed_1" / "train.log"
+        resumed_log.write_text(f"...\n{RESUME_MESSAGE} at /x/last.ckpt\n")
+        summary = write_report(STUDY, planted, ARMS_USED, jobs(STUDY, planted, ARMS_USED, None), {})
     finally:
         del VALIDATION[("sdmoe_strict", 1)]
-    assert "| SD-MoE strict | 1 (halted: 1) |" in (planted.out_dir / "results.md").read_text()
+    table = (planted.out_dir / "results.md").read_text()
+    assert "| SD-MoE strict | 1 (halted: 1) |" in table
+    assert "| SD-MoE k=8 | 1 (resumed: 1) |" in table
+    # A resumed run's record times only its last attempt: no time is reported for it.
+    assert math.isnan(summary["arms"]["sdmoe"]["measures"]["cpu_minutes"]["mean"])
+    assert summary["arms"]["baseline"]["measures"]["cpu_minutes"]["mean"] == pytest.approx(10.0)
 
     empty = Layout(tmp_path / "other", tmp_path / "data")
     with pytest.raises(SystemExit, match="no finished run under"):
