@@ -78,6 +78,12 @@ def first_crossing(curve: list[tuple[float, float]], target: float) -> float:
     return NAN
 
 
+def late_drop(points: list[tuple[float, float]], steps: int) -> float:
+    """How much a curve fell from its first point in the last eighth of training to its last point."""
+    late = [value for step, value in points if step >= 7 * steps / 8 - 1]
+    return late[0] - late[-1] if late else NAN
+
+
 def chance_levels(study: Study, rank: int = 8) -> dict[str, float]:
     """Expected values for unrelated random matrices of the study's shapes (exact for uniformly random subspaces).
 
@@ -101,6 +107,10 @@ def chance_levels(study: Study, rank: int = 8) -> dict[str, float]:
 
 RUN_MEASURES: dict[str, tuple[str, Callable[[RunResult, int], float]]] = {
     "final_val_loss": ("final validation loss", lambda r, s: r.last("val/loss")),
+    "late_val_loss_drop": (
+        "fall of the validation loss over the last eighth of training (still learning?)",
+        lambda r, s: late_drop(r.scalars.get("val/loss", []), s),
+    ),
     "heldout_ppl_all": ("held-out perplexity, both corpora", lambda r, s: r.evaluation.get("heldout_ppl/all", NAN)),
     "heldout_ppl_kjv": ("held-out perplexity, KJV", lambda r, s: r.evaluation.get("heldout_ppl/kjv", NAN)),
     "heldout_ppl_shakespeare": (
@@ -144,6 +154,10 @@ RUN_MEASURES: dict[str, tuple[str, Callable[[RunResult, int], float]]] = {
     "common_energy": ("gradient energy in the common subspace", lambda r, s: r.last("gradient/common_energy_share")),
     "gate_experts_top1": ("gate top-direction share (expert inputs)", lambda r, s: r.last("gate/experts_top1_share")),
     "gate_hidden_top1": ("gate top-direction share (hidden states)", lambda r, s: r.last("gate/hidden_top1_share")),
+    "gate_hidden_captured": (
+        "router rows' energy in the top-8 hidden-state directions",
+        lambda r, s: r.last("gate/hidden_captured"),
+    ),
     "load_entropy": ("load entropy / log E", lambda r, s: r.last("routing/load_entropy")),
     "leakage": ("share of ‖W_u‖² touching the common subspace", lambda r, s: r.last("probe/unique/leakage")),
     "complement_overlap_d": (
@@ -285,6 +299,14 @@ def summarise(study: Study, arms: list[Arm], results: list[RunResult]) -> dict:
             key: spread([runs[f"{arm.name}/seed_{run.seed}"][key] for run in arm_runs])
             for key in [*RUN_MEASURES, "tokens_to_baseline_loss"]
         }
+        # A seed that never reaches the target has no crossing: the per-seed mean alone would hide it.
+        reached = [tokens for tokens in measures["tokens_to_baseline_loss"]["values"] if math.isfinite(tokens)]
+        measures["tokens_to_baseline_loss_mean_curve"] = {"mean": crossing, "half_range": NAN, "values": [crossing]}
+        measures["seeds_reaching_baseline_loss"] = {
+            "mean": float(len(reached)),
+            "half_range": NAN,
+            "values": [len(reached)],
+        }
         arms_summary[arm.name] = {
             "label": arm.label,
             "question": arm.question,
@@ -328,7 +350,8 @@ TABLES: tuple[tuple[str, tuple[tuple[str, str, int], ...], bool], ...] = (
             ("held-out ppl (KJV)", "heldout_ppl_kjv", 2),
             ("held-out ppl (Shakespeare)", "heldout_ppl_shakespeare", 2),
             ("held-out ppl (all)", "heldout_ppl_all", 2),
-            ("tokens to baseline's final loss (M)", "tokens_to_baseline_loss", 2),
+            ("tokens to baseline's final loss, seed-mean curve (M)", "tokens_to_baseline_loss_mean_curve", 2),
+            ("seeds reaching it on their own", "seeds_reaching_baseline_loss", 0),
             ("max train loss, 2nd half", "max_train_loss_late", 3),
             ("CPU min/run", "cpu_minutes", 1),
             ("wall min/run", "wall_minutes", 1),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import sdmoe_evidence
-from evidence_report import RESUME_MESSAGE, json_safe, write_report
+from evidence_report import RESUME_MESSAGE, json_safe, late_drop, write_report
 from evidence_study import ARMS, Layout, Study
 from sdmoe_evidence import evaluate, jobs
 
@@ -65,10 +65,14 @@ def test_report_summarises_arms_over_seeds_and_writes_only_into_its_own_folder(p
     # Reached at the validation after step 99, i.e. after 100 optimizer steps of 8 x 256 tokens.
     assert sdmoe["measures"]["tokens_to_baseline_loss"]["mean"] == pytest.approx(100 * 8 * 256 / 1e6)
     assert sdmoe["measures"]["leakage"]["mean"] == pytest.approx(1.99)
+    # Baseline seed 2 ends above the mean target: it never reaches it on its own, and the table says so.
+    assert baseline["measures"]["seeds_reaching_baseline_loss"]["mean"] == 1
+    assert baseline["measures"]["tokens_to_baseline_loss_mean_curve"]["mean"] == pytest.approx(200 * 8 * 256 / 1e6)
     assert "sdmoe_strict" not in summary["arms"], "an arm without finished runs is left out"
 
     table = (planted.out_dir / "results.md").read_text()
     assert "| baseline MoE | 1,2 | 4.300 ± 0.100 |" in table
+    assert "| 0.41 | 1 |" in table.split("| baseline MoE |")[1].splitlines()[0]
     assert "| SD-MoE k=8 | 1 | 3.900 |" in table
     stored = json.loads((planted.out_dir / "summary.json").read_text(), parse_constant=pytest.fail)
     assert stored["arms"]["sdmoe"]["seeds"] == [1]
@@ -135,3 +139,9 @@ def test_evaluation_runs_each_stage_once_per_finished_checkpoint_and_caches_in_t
 def test_json_safe_replaces_every_non_finite_number() -> None:
     value = {"a": [1.0, math.nan, {"b": math.inf}], "c": (2, -math.inf), "d": "text"}
     assert json_safe(value) == {"a": [1.0, None, {"b": None}], "c": [2, None], "d": "text"}
+
+
+def test_late_drop_is_the_fall_over_the_last_eighth_of_training() -> None:
+    curve = [(0, 8.0), (699, 4.0), (749, 3.9), (799, 3.85)]
+    assert late_drop(curve, 800) == pytest.approx(0.15)
+    assert math.isnan(late_drop([(0, 8.0)], 800))
