@@ -2,17 +2,18 @@
 
 :mod:`sdmoe_train.report.svg` draws the dashboards' single-run lines; the study needs a shaded min-max band
 over seeds per arm, dashed reference levels (chance, the baseline's final loss) and a legend that stays
-readable with seven arms, so it has this small writer of its own. Output is plain SVG text.
+readable with seven arms, so it has this small writer of its own (frame and axes from
+:func:`~sdmoe_train.report.svg.axes_svg`). Output is plain SVG text.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from html import escape
 
-from sdmoe_train.report.svg import PALETTE
+from sdmoe_train.report.svg import PALETTE, axes_svg
 
 _FONT = 'font-family="sans-serif" font-size="11"'
 
@@ -27,18 +28,22 @@ class Series:
     dashed: bool = False
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    if high <= low:
-        return [low]
-    raw = (high - low) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first = math.ceil(low / step - 1e-9) * step
-    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
-
-
-def _number(value: float) -> str:
-    return f"{value:.3g}"
+def _reference_lines(
+    references: Sequence[tuple[str, float]], frame: tuple[float, float, float, float], to_y: Callable[[float], float]
+) -> list[str]:
+    """Grey dashed horizontal lines across the plot, each labelled at its right end."""
+    left, _, plot_width, _ = frame
+    parts = []
+    for label, level in references:
+        y = to_y(level)
+        parts.append(
+            f'<line x1="{left}" x2="{left + plot_width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#777" '
+            'stroke-dasharray="5,4"/>'
+        )
+        parts.append(
+            f'<text x="{left + plot_width - 4}" y="{y - 3:.1f}" text-anchor="end" fill="#555">{escape(label)}</text>'
+        )
+    return parts
 
 
 def line_chart(
@@ -89,31 +94,10 @@ def line_chart(
         clipped = min(max(y, y_low), y_high)
         return top + (1 - (clipped - y_low) / (y_high - y_low)) * plot_height
 
-    parts.append(f'<rect x="{left}" y="{top}" width="{plot_width}" height="{plot_height}" fill="none" stroke="#999"/>')
-    for tick in _ticks(y_low, y_high):
-        y = to_y(tick)
-        parts.append(f'<line x1="{left}" x2="{left + plot_width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_number(tick)}</text>')
-    for tick in _ticks(x_low, x_high):
-        x = to_x(tick)
-        parts.append(f'<text x="{x:.1f}" y="{top + plot_height + 14}" text-anchor="middle">{_number(tick)}</text>')
-    parts.append(
-        f'<text x="{left + plot_width / 2}" y="{top + plot_height + 32}" text-anchor="middle">{escape(x_label)}</text>'
-    )
-    parts.append(
-        f'<text x="12" y="{top + plot_height / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 12 {top + plot_height / 2})">{escape(y_label)}</text>'
-    )
+    frame = (left, top, plot_width, plot_height)
+    parts += axes_svg(frame, (y_low, y_high), to_y, y_label, ((x_low, x_high), to_x, x_label, 32))
     legend_y = top + 6
-    for label, level in references:
-        y = to_y(level)
-        parts.append(
-            f'<line x1="{left}" x2="{left + plot_width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#777" '
-            'stroke-dasharray="5,4"/>'
-        )
-        parts.append(
-            f'<text x="{left + plot_width - 4}" y="{y - 3:.1f}" text-anchor="end" fill="#555">{escape(label)}</text>'
-        )
+    parts += _reference_lines(references, frame, to_y)
     for number, line in enumerate(series):
         color = PALETTE[number % len(PALETTE)]
         pairs = [(x, y) for x, y in line.points if math.isfinite(y)]
@@ -170,15 +154,8 @@ def grouped_bars(
     def to_y(y: float) -> float:
         return top + (1 - y / high) * plot_height
 
-    parts.append(f'<rect x="{left}" y="{top}" width="{plot_width}" height="{plot_height}" fill="none" stroke="#999"/>')
-    for tick in _ticks(0.0, high):
-        y = to_y(tick)
-        parts.append(f'<line x1="{left}" x2="{left + plot_width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_number(tick)}</text>')
-    parts.append(
-        f'<text x="12" y="{top + plot_height / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 12 {top + plot_height / 2})">{escape(y_label)}</text>'
-    )
+    frame = (left, top, plot_width, plot_height)
+    parts += axes_svg(frame, (0.0, high), to_y, y_label)
     group_width = plot_width / max(len(groups), 1)
     bar_width = group_width * 0.8 / max(len(bars), 1)
     for index, caption in enumerate(groups):
@@ -199,14 +176,6 @@ def grouped_bars(
         parts.append(f'<rect x="{legend_x}" y="{legend_y - 8}" width="10" height="10" fill="{color}"/>')
         parts.append(f'<text x="{legend_x + 14}" y="{legend_y}">{escape(label)}</text>')
         legend_y += 15
-    for label, level in references:
-        y = to_y(level)
-        parts.append(
-            f'<line x1="{left}" x2="{left + plot_width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#777" '
-            'stroke-dasharray="5,4"/>'
-        )
-        parts.append(
-            f'<text x="{left + plot_width - 4}" y="{y - 3:.1f}" text-anchor="end" fill="#555">{escape(label)}</text>'
-        )
+    parts += _reference_lines(references, frame, to_y)
     parts.append("</svg>")
     return "".join(parts)
