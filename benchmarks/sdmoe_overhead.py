@@ -124,13 +124,18 @@ class Trainee:
             out = self.model(self.batch[:, :-1])
             loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), self.batch[:, 1:].flatten())
             ((loss + out.moe.loss) / self.accumulate).backward()
-        if self.sdmoe.enabled:
-            project_gradients(self.model)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        reference = strict_update_reference(self.model) if self.sdmoe.enabled else None
-        self.optimizer.step()
-        if self.sdmoe.enabled:
-            finish_optimizer_step(self.model, reference)
+        apply_gradients(self.model, self.optimizer, self.sdmoe.enabled)
+
+
+def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sdmoe: bool) -> None:
+    """What ``PretrainModule`` does with complete gradients: SD-MoE split, clipping at 1, AdamW, SD-MoE step end."""
+    if sdmoe:
+        project_gradients(model)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    reference = strict_update_reference(model) if sdmoe else None
+    optimizer.step()
+    if sdmoe:
+        finish_optimizer_step(model, reference)
 
 
 def sdmoe_config(args: argparse.Namespace, enabled: bool) -> SDMoEConfig:

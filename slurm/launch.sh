@@ -23,6 +23,10 @@ forward_signal() {
 }
 trap forward_signal USR1
 
+# Since Slurm 22.05 srun no longer takes --cpus-per-task from the allocation (sbatch(1): "srun will not
+# inherit the --cpus-per-task value requested by salloc or sbatch"); without this each task may get one CPU
+# for its data-loader workers and threads wherever task binding is enforced.
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
 # srun forwards SIGUSR1 to every task. --kill-on-bad-exit ends the step when one rank dies, so no rank
 # waits forever in a collective.
 srun --kill-on-bad-exit=1 --ntasks-per-node="${SLURM_NTASKS_PER_NODE:-1}" \

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from tokenizers import Tokenizer
 
 from sdmoe_train.data.config import DataConfig
@@ -15,6 +17,17 @@ from sdmoe_train.data.tokenizer import train_tokenizer
 
 WORDS = ["the", "king", "queen", "sword", "crown", "night", "love", "death", "fool", "ghost", "storm", "sea"]
 WORDS += ["speak", "hear", "come", "go", "never", "why", "thou", "thee", "thy", "doth", "hath", "is", "was"]
+
+
+def fake_trainer(rank: int, world_size: int, training: bool = True, example: object = None) -> SimpleNamespace:
+    """What the data module reads from Lightning's trainer: rank, world size, training flag, device."""
+    return SimpleNamespace(
+        global_rank=rank,
+        world_size=world_size,
+        training=training,
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        lightning_module=SimpleNamespace(example_input_array=example),
+    )
 
 
 def make_documents(count: int = 12, seed: int = 0, min_words: int = 20, max_words: int = 90) -> list[str]:
@@ -71,3 +84,26 @@ def make_config(tmp_path: Path, pattern: str, tokenizer: Path, **overrides: obje
     }
     settings.update(overrides)
     return DataConfig(**settings)
+
+
+def make_mixture(tmp_path: Path, weights: dict[str, float] | None = None, **overrides: object):
+    """Two (or more) small sources with their own documents, a tokenizer trained on all of them, and the
+    shared settings: returns (DataConfig without documents, [CorpusSource, ...])."""
+    from sdmoe_train.data.config import CorpusSource
+
+    weights = weights or {"plays": 3.0, "psalms": 1.0}
+    sources, everything = [], []
+    for index, (name, weight) in enumerate(weights.items()):
+        documents = [f"{name} {text}" for text in make_documents(count=12 + 6 * index, seed=10 + index)]
+        everything += documents
+        sources.append(CorpusSource(name=name, data_files=[write_documents(tmp_path / name, documents)], weight=weight))
+    tokenizer_path, _ = make_tokenizer(tmp_path, everything)
+    settings: dict[str, object] = {
+        "tokenizer": str(tokenizer_path),
+        "seq_len": 16,
+        "cache_dir": str(tmp_path / "cache"),
+        "val_fraction": 0.25,
+        "num_proc": 1,
+    }
+    settings.update(overrides)
+    return DataConfig(**settings), sources

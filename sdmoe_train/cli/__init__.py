@@ -35,6 +35,7 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "prepare": Subcommand("prepare", "data preparation"),
     "demo-corpus": Subcommand("demo_corpus", "data preparation"),
+    "kjv-corpus": Subcommand("kjv_corpus", "data preparation"),
     "presets": Subcommand("presets", "architectures"),
     "export": Subcommand("hf_export", "Hugging Face checkpoints"),
     "import": Subcommand("hf_import", "Hugging Face checkpoints"),

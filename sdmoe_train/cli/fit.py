@@ -71,6 +71,7 @@ class PretrainCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision is None:
             config.trainer.precision = default_precision(config.trainer.accelerator)
+        check_sequence_length(config.data.corpus.seq_len, config.model.arch.max_seq_len)
         if self.subcommand == "fit":
             persist_wandb_run_id(config.trainer)
 
@@ -94,9 +95,28 @@ class PretrainCLI(LightningCLI):
             print(f"validation loss: {self._initial_val_loss:.4f} before training -> {final:.4f} after")
         elif final is not None:
             print(f"validation loss after training: {final:.4f}")
+        metrics = self.trainer.callback_metrics
+        sources = [
+            f"{name[len('val/loss/') :]} {float(metrics[name]):.4f}" for name in metrics if name.startswith("val/loss/")
+        ]
+        if sources:
+            print("validation loss per source after training: " + ", ".join(sources))
         best = self.trainer.checkpoint_callback
         if best is not None and best.last_model_path:
             print(f"last checkpoint: {best.last_model_path}")
+
+
+def check_sequence_length(seq_len: int, max_seq_len: int) -> None:
+    """Refuses training examples longer than the model's context, before any data is tokenized or model built.
+
+    Raises:
+        ConfigError: If ``data.corpus.seq_len`` exceeds ``model.arch.max_seq_len``.
+    """
+    if seq_len > max_seq_len:
+        raise ConfigError(
+            f"data.corpus.seq_len={seq_len} is longer than the model's context, model.arch.max_seq_len={max_seq_len}; "
+            f"lower data.corpus.seq_len to at most {max_seq_len} or raise model.arch.max_seq_len"
+        )
 
 
 def add_default_callbacks(trainer: Any) -> None:

@@ -11,11 +11,12 @@ from pathlib import Path
 from jsonargparse import ArgumentParser
 
 from sdmoe_train.cli.recipe import recipe_data_parser
-from sdmoe_train.data import build_token_cache, load_tokenizer, train_corpus_tokenizer
+from sdmoe_train.data import train_corpus_tokenizer
 
 USAGE = """\
   sdmoe-train prepare --config RECIPE.yaml [--retrain_tokenizer true]
-      train the tokenizer if its file is missing, then tokenize, pack and cache the corpus
+      train the tokenizer if its file is missing, then tokenize and cache every source of the corpus or
+      mixture (into data.prepared_dir when the recipe sets it)
 """
 
 
@@ -29,14 +30,15 @@ def _parser() -> ArgumentParser:
 
 
 def run(argv: list[str]) -> None:
-    """``sdmoe-train prepare``: tokenizer training and token-cache building."""
+    """``sdmoe-train prepare``: tokenizer training and token-cache (or prepared-data) building."""
     parser = _parser()
     config = parser.parse_args(argv)
-    corpus = parser.instantiate(config).data.corpus
+    data = parser.instantiate(config).data
+    corpus = data.corpus
     tokenizer_path = Path(corpus.tokenizer)
     if config.retrain_tokenizer or not tokenizer_path.exists():
         started = time.perf_counter()
-        train_corpus_tokenizer(corpus, tokenizer_path)
+        train_corpus_tokenizer(corpus, tokenizer_path, list(data.sources.values()))
         print(
             f"trained a {corpus.vocab_size}-token byte-level BPE tokenizer in {time.perf_counter() - started:.1f} s "
             f"-> {tokenizer_path}"
@@ -45,8 +47,17 @@ def run(argv: list[str]) -> None:
         print("data.corpus.streaming=true: documents are tokenized while training; no token cache to build")
         return
     started = time.perf_counter()
-    cache = build_token_cache(corpus, load_tokenizer(tokenizer_path))
-    print(
-        f"token cache {cache.path} ready in {time.perf_counter() - started:.1f} s: "
-        f"{len(cache.train_tokens):,} train / {len(cache.val_tokens):,} validation tokens"
-    )
+    token_data = data.build_token_data()
+    where = "prepared data" if data.prepared_dir is not None else "token cache"
+    for name, cache in token_data.items():
+        print(
+            f"{where} of {name!r} ready in {cache.path}: "
+            f"{len(cache.train_tokens):,} train / {len(cache.val_tokens):,} validation tokens"
+        )
+        skipped = cache.manifest.get("skipped_rows")
+        if skipped is not None:
+            print(
+                f"  skipped {skipped['count']:,} of {skipped['total']:,} rows without text in {name!r} "
+                f"(first: {skipped['first']})"
+            )
+    print(f"{where} ready in {time.perf_counter() - started:.1f} s")

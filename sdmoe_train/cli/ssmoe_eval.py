@@ -145,10 +145,13 @@ def run(argv: list[str]) -> list[dict[str, float]]:
     if limit is None and isinstance((config.trainer or {}).get("limit_val_batches"), int):
         limit = config.trainer["limit_val_batches"]  # the recipe's, so the rows match `validate`
     batches = []
-    for index, batch in enumerate(datamodule.val_dataloader()):
-        if limit is not None and index >= limit:
-            break
-        batches.append(batch)
+    loaders = datamodule.val_dataloader()
+    # A mixture validates one loader per source; the limit applies to each, as in `validate`.
+    for loader in loaders if isinstance(loaders, list) else [loaders]:
+        for index, batch in enumerate(loader):
+            if limit is not None and index >= limit:
+                break
+            batches.append(batch)
     rows = evaluate_blends(module.model, batches, blends)
     print(f"SSMoE evaluation of {config.ckpt_path} on {sum(len(b) for b in batches)} validation sequences")
     print(format_table(rows))

@@ -19,6 +19,10 @@ Lightning 2.6 behaviours shape how it is kept:
 Checkpoints therefore record exactly the batches whose training step started, and a resumed run
 continues with the next one, whether it was killed mid-epoch or stopped at ``max_steps`` and
 continued with a larger one. Validation batches are never counted.
+
+A mixture (``data.corpora``) draws from per-source token caches (or a prepared directory) by the
+deterministic blend of :mod:`sdmoe_train.data.mixture`; its position is the per-source counts, the
+same on every rank, and validation runs one loader per source.
 """
 
 from __future__ import annotations
@@ -30,15 +34,30 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from sdmoe_train.data.cache import build_token_cache, load_token_cache
-from sdmoe_train.data.config import DataConfig
+from sdmoe_train.data.cache import TokenCache
+from sdmoe_train.data.config import SINGLE_CORPUS_NAME, CorpusSource, DataConfig
+from sdmoe_train.data.mixture import (
+    MixtureBlocks,
+    MixtureSampler,
+    MixtureSchedule,
+    MixtureSource,
+    log_new_epochs,
+)
 from sdmoe_train.data.packing import PackedBlocks
-from sdmoe_train.data.sampler import ResumableDistributedSampler
+from sdmoe_train.data.sampler import ResumableDistributedSampler, TrainingSampler
 from sdmoe_train.data.streaming import StreamingPackedBlocks, held_out_documents
+from sdmoe_train.data.token_data import (
+    build_token_data,
+    ensure_token_data,
+    open_token_data,
+    recipe_sources,
+    validation_blocks,
+)
 from sdmoe_train.data.tokenizer import eos_token_id, load_tokenizer
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.parallel.gather import all_gather_objects
@@ -48,30 +67,38 @@ log = logging.getLogger(__name__)
 _MID_EPOCH_RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
-class _DataModuleSampler(ResumableDistributedSampler):
-    """The train sampler of :class:`PretrainDataModule`: only the data module moves it to a new epoch."""
-
-    def set_epoch(self, epoch: int) -> None:
-        """Ignores Lightning's epoch counter, which is not the data position (see the module docstring)."""
-
-    def start_next_epoch(self) -> None:
-        """Moves to the next epoch's permutation, starting from its beginning."""
-        super().set_epoch(self.epoch + 1)
-
-
 class PretrainDataModule(L.LightningDataModule):
     """Batches of packed token blocks, int64 of shape (batch_size, seq_len + 1)."""
 
-    def __init__(self, corpus: DataConfig, batch_size: int = 8, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        corpus: DataConfig,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        corpora: list[CorpusSource] | None = None,
+        prepared_dir: str | None = None,
+        cross_document_attention: bool = True,
+        restart_positions: bool = False,
+        allow_mixture_change: bool = False,
+    ) -> None:
         """Stores the settings; nothing is read until ``prepare_data``/``setup``.
 
         Args:
-            corpus: Where the text comes from and how it is tokenized and packed.
+            corpus: Tokenizer, packing and cache settings, and the documents of a single-corpus recipe.
             batch_size: Per-device micro-batch size.
             num_workers: DataLoader worker processes (token cache mode; streaming needs 0).
+            corpora: The sources of a mixture, each with its documents and weight; ``corpus`` then
+                holds only the shared settings (see docs/data.md).
+            prepared_dir: Directory of data prepared once by ``sdmoe-train prepare`` (token arrays with
+                document offsets); runs read it without the raw text and without tokenizing.
+            cross_document_attention: Let tokens attend to earlier documents packed into the same
+                sequence (true), or only to their own document (false, block-diagonal causal mask).
+            restart_positions: Restart the rotary positions at 0 at every document start.
+            allow_mixture_change: Resume a mixture whose sources, weights or sizes differ from the
+                checkpoint's (kept sources continue at their positions, new weights apply from then on).
 
         Raises:
-            ConfigError: If batch_size or num_workers is invalid.
+            ConfigError: If a setting or a combination of them is invalid.
         """
         super().__init__()
         if batch_size < 1:
@@ -83,14 +110,35 @@ class PretrainDataModule(L.LightningDataModule):
                 f"num_workers={num_workers} with data.corpus.streaming=true: the resume position of the stream is "
                 "tracked in the training process, so use num_workers=0 (tokenization is multi-threaded anyway)"
             )
+        self.sources = recipe_sources(corpus, corpora)
+        self.is_mixture = corpora is not None
+        if prepared_dir is not None and not prepared_dir.strip():
+            raise ConfigError(
+                f"data.prepared_dir={prepared_dir!r} must name a directory (or be null to use data.corpus.cache_dir)"
+            )
+        if corpus.streaming and (self.is_mixture or prepared_dir is not None):
+            raise ConfigError(
+                "data.corpus.streaming=true works with a single data.corpus only: mixtures (data.corpora) and "
+                "data.prepared_dir read tokenized data; drop streaming and run `sdmoe-train prepare` once"
+            )
+        if allow_mixture_change and not self.is_mixture:
+            raise ConfigError("data.allow_mixture_change=true needs a mixture (data.corpora)")
         self.corpus = corpus
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.prepared_dir = prepared_dir
+        self.cross_document_attention = cross_document_attention
+        self.restart_positions = restart_positions
+        self.allow_mixture_change = allow_mixture_change
+        self.mixture_weights = {c.name: c.weight for c in corpora} if corpora is not None else None
+        """Source name -> recipe weight of a mixture; None for a single corpus."""
         self._tokenizer: Tokenizer | None = None
-        self._train_blocks: PackedBlocks | None = None
+        self._train_blocks: PackedBlocks | MixtureBlocks | None = None
         self._val_blocks: PackedBlocks | None = None
+        self._val_blocks_by_source: dict[str, PackedBlocks] = {}
         self._stream: StreamingPackedBlocks | None = None
-        self._sampler: _DataModuleSampler | None = None
+        self._sampler: TrainingSampler | MixtureSampler | None = None
+        self._schedule: MixtureSchedule | None = None
         self._restored_state: dict[str, Any] | None = None
 
     @property
@@ -117,19 +165,37 @@ class PretrainDataModule(L.LightningDataModule):
         return eos_token_id(self.tokenizer)
 
     def prepare_data(self) -> None:
-        """Builds (or reuses) the token cache; Lightning runs this on one process per node.
+        """Builds (or reuses) the token caches or prepared data; Lightning runs this on one process per node.
+
+        A ``prepared_dir`` that holds every source is only checked, so runs need neither the raw text
+        nor the time to tokenize it; missing sources are prepared beside the others.
 
         Raises:
-            ConfigError: If the tokenizer or the data files are missing.
+            ConfigError: If the tokenizer or the data files are missing, or prepared data does not fit.
         """
         tokenizer = self.tokenizer
         if self.corpus.streaming:
             self.corpus.resolve_files()
         else:
-            build_token_cache(self.corpus, tokenizer)
+            ensure_token_data(self.corpus, self.sources, tokenizer, self.prepared_dir)
+
+    def build_token_data(self) -> dict[str, TokenCache]:
+        """Tokenizes every source that is not yet cached or prepared (what ``sdmoe-train prepare`` runs).
+
+        Returns:
+            Source name -> its opened token data.
+
+        Raises:
+            ConfigError: As :meth:`prepare_data`, and if a source's validation split cannot give one example
+                (checked here so that ``prepare`` fails, not the run that follows it).
+        """
+        token_data = build_token_data(self.corpus, self.sources, self.tokenizer, self.prepared_dir)
+        for name, cache in token_data.items():
+            validation_blocks(self.corpus, cache, name if self.is_mixture else None)
+        return token_data
 
     def setup(self, stage: str) -> None:
-        """Opens the token cache (or the document stream) on every process."""
+        """Opens the token data (or the document stream) on every process."""
         if self._train_blocks is not None or self._stream is not None:
             return
         seq_len = self.corpus.seq_len
@@ -144,12 +210,26 @@ class PretrainDataModule(L.LightningDataModule):
             )
             if self._restored_state is not None:
                 self._restore_stream(self._restored_state)
-        else:
-            cache = load_token_cache(self.corpus, self.tokenizer)
+            if self.corpus.streaming_val_docs > 0:
+                self._val_blocks = PackedBlocks(val_tokens, seq_len, "validation")
+            return
+        caches = open_token_data(self.corpus, self.sources, self.tokenizer, self.prepared_dir)
+        if self.corpus.val_fraction == 0:
+            rank_zero_info("data.corpus.val_fraction=0: no document is held out, so the run logs no validation loss")
+        if not self.is_mixture:
+            cache = caches[SINGLE_CORPUS_NAME]
             self._train_blocks = PackedBlocks(cache.train_tokens, seq_len, "train")
-            val_tokens = cache.val_tokens
-        if len(val_tokens) > 0:
-            self._val_blocks = PackedBlocks(val_tokens, seq_len, "validation")
+            self._val_blocks = validation_blocks(self.corpus, cache)
+            return
+        train = {name: PackedBlocks(cache.train_tokens, seq_len, "train", name) for name, cache in caches.items()}
+        self._train_blocks = MixtureBlocks(list(train.values()))
+        validation = {name: validation_blocks(self.corpus, cache, name) for name, cache in caches.items()}
+        self._val_blocks_by_source = {name: blocks for name, blocks in validation.items() if blocks is not None}
+        assert self.mixture_weights is not None
+        sources = [MixtureSource(name, self.mixture_weights[name], len(blocks)) for name, blocks in train.items()]
+        self._schedule = MixtureSchedule(sources, self.corpus.shuffle_seed)
+        if self._restored_state is not None:
+            self._restore_mixture(self._restored_state)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, rank-sharded, resumable batches (endless in streaming mode)."""
@@ -157,18 +237,8 @@ class PretrainDataModule(L.LightningDataModule):
             return DataLoader(self._stream, batch_size=self.batch_size, pin_memory=self._pin_memory())
         assert self._train_blocks is not None, "setup() must run before train_dataloader()"
         if self._sampler is None:
-            rank, world_size = self._rank_and_world_size()
-            self._sampler = _DataModuleSampler(
-                self._train_blocks, num_replicas=world_size, rank=rank, seed=self.corpus.shuffle_seed
-            )
-            if self._sampler.num_samples < self.batch_size:
-                raise ConfigError(
-                    f"the train split has {len(self._train_blocks)} examples of "
-                    f"data.corpus.seq_len={self.corpus.seq_len} "
-                    f"+ 1 tokens, {self._sampler.num_samples} per rank on {world_size} ranks, fewer than "
-                    f"batch_size={self.batch_size}; lower batch_size or data.corpus.seq_len, or add documents"
-                )
-            if self._restored_state is not None:
+            self._sampler = self._make_sampler()
+            if self._restored_state is not None and isinstance(self._sampler, TrainingSampler):
                 self._restore_sampler(self._restored_state)
             # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader itself is
             # stateful; this data module restores the position, so the warning does not apply here.
@@ -183,26 +253,71 @@ class PretrainDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _make_sampler(self) -> TrainingSampler | MixtureSampler:
+        rank, world_size = self._rank_and_world_size()
+        sampler: TrainingSampler | MixtureSampler
+        if self._schedule is not None:
+            assert isinstance(self._train_blocks, MixtureBlocks)
+            sampler = MixtureSampler(self._train_blocks, self._schedule, num_replicas=world_size, rank=rank)
+            what = f"all {len(self._schedule.sources)} sources have {len(self._train_blocks)} examples"
+        else:
+            assert isinstance(self._train_blocks, PackedBlocks)
+            sampler = TrainingSampler(
+                self._train_blocks, num_replicas=world_size, rank=rank, seed=self.corpus.shuffle_seed
+            )
+            what = f"the train split has {len(self._train_blocks)} examples"
+        if sampler.num_samples < self.batch_size:
+            raise ConfigError(
+                f"{what} of data.corpus.seq_len={self.corpus.seq_len} + 1 tokens, {sampler.num_samples} per rank "
+                f"on {world_size} ranks, fewer than batch_size={self.batch_size}; lower batch_size or "
+                "data.corpus.seq_len, or add documents"
+            )
+        return sampler
+
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """Validation blocks in order, sharded across ranks; empty when nothing is held out.
 
-        Each rank gets ``len // world_size`` blocks, so up to world_size - 1 trailing blocks are not
-        evaluated (padding by repetition, as DistributedSampler does, would bias the loss instead).
+        A mixture gets one loader per source with held-out documents, in :attr:`validation_sources`
+        order. Each rank gets ``len // world_size`` blocks, so up to world_size - 1 trailing blocks are
+        not evaluated (padding by repetition, as DistributedSampler does, would bias the loss instead).
         """
+        if self.is_mixture:
+            return [self._val_loader(blocks) for blocks in self._val_blocks_by_source.values()]
         if self._val_blocks is None:
             return []
+        return self._val_loader(self._val_blocks)
+
+    @property
+    def validation_sources(self) -> list[str] | None:
+        """Source of each validation loader of a mixture, in loader order; None for a single corpus."""
+        return list(self._val_blocks_by_source) if self.is_mixture else None
+
+    def _val_loader(self, blocks: PackedBlocks) -> DataLoader:
         rank, world_size = self._rank_and_world_size()
-        sampler = ResumableDistributedSampler(self._val_blocks, num_replicas=world_size, rank=rank, shuffle=False)
+        sampler = ResumableDistributedSampler(blocks, num_replicas=world_size, rank=rank, shuffle=False)
         # The stream's held-out set is small and in memory, so its loader needs no workers either.
         num_workers = 0 if self.corpus.streaming else self.num_workers
         return DataLoader(
-            self._val_blocks,
+            blocks,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=num_workers,
             pin_memory=self._pin_memory(),
             persistent_workers=num_workers > 0,
         )
+
+    def mixture_metrics(self) -> dict[str, float]:
+        """Per-source progress of a mixture, over all ranks: ``data/tokens/<source>`` (training tokens
+        drawn, i.e. predicted targets) and ``data/epoch/<source>`` (passes over the source, fractional);
+        empty for a single corpus."""
+        if self._schedule is None:
+            return {}
+        metrics = {}
+        schedule = self._schedule
+        for index, name in enumerate(schedule.names):
+            metrics[f"data/tokens/{name}"] = float(schedule.consumed[index] * self.corpus.seq_len)
+            metrics[f"data/epoch/{name}"] = float(schedule.consumed[index] / schedule.sizes[index])
+        return metrics
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Counts a training batch as consumed; Lightning calls this just before ``training_step``."""
@@ -213,6 +328,9 @@ class PretrainDataModule(L.LightningDataModule):
             return batch
         if self._stream is not None:
             self._stream.advance(len(batch))
+        elif self._schedule is not None:
+            started = self._schedule.advance(len(batch) * self._rank_and_world_size()[1])
+            log_new_epochs(started, self._schedule)
         elif self._sampler is not None:
             self._sampler.advance(len(batch))
             self._start_next_epoch_if_exhausted()
@@ -221,7 +339,7 @@ class PretrainDataModule(L.LightningDataModule):
     def _start_next_epoch_if_exhausted(self) -> None:
         # Moving on as soon as no full batch is left (rather than when the iterator ends) makes a
         # checkpoint taken after an epoch's last batch resume in the next epoch.
-        assert self._sampler is not None
+        assert isinstance(self._sampler, TrainingSampler)
         if self._sampler.remaining < self.batch_size:
             self._sampler.start_next_epoch()
 
@@ -230,12 +348,16 @@ class PretrainDataModule(L.LightningDataModule):
 
         Token cache mode: ``{"epoch", "consumed", "num_replicas"}`` (identical on every rank); empty
         before the train dataloader exists.
+        Mixture: ``{"mixture": {"seed", "sources": [{name, weight, share, num_examples, consumed, epoch,
+        segment_start}, ...]}}`` (identical on every rank, independent of their number).
         Streaming mode: ``{"streams": [state of rank 0, rank 1, ...]}``, gathered from all ranks, since
         Lightning writes only rank 0's copy; every rank calls this while saving a checkpoint.
         """
         if self._stream is not None:
             return {"streams": self._gather_across_ranks(self._stream.state_dict())}
-        if self._sampler is not None:
+        if self._schedule is not None:
+            return {"mixture": self._schedule.state_dict()}
+        if isinstance(self._sampler, TrainingSampler):
             return {**self._sampler.state_dict(), "num_replicas": self._sampler.num_replicas}
         # Nothing consumed yet (Lightning then stores no entry), or a restored position not yet applied.
         return self._restored_state or {}
@@ -244,39 +366,45 @@ class PretrainDataModule(L.LightningDataModule):
         """Restores a position saved by :meth:`state_dict`; applied as soon as the sampler or stream exists.
 
         Raises:
-            ConfigError: If the checkpoint comes from the other mode (streaming vs token cache), or a
-                streaming checkpoint from a different number of ranks.
+            ConfigError: If the checkpoint comes from the other mode (streaming, mixture or a single
+                token cache), a streaming checkpoint from a different number of ranks, or a mixture
+                that differs from the recipe's (unless ``allow_mixture_change``).
         """
         if ("streams" in state_dict) != self.corpus.streaming:
             raise ConfigError(
                 f"the checkpoint's data position was saved with data.corpus.streaming={'streams' in state_dict} "
                 f"but data.corpus.streaming={self.corpus.streaming}; resume with the setting the run started with"
             )
+        if ("mixture" in state_dict) != self.is_mixture:
+            saved, current = ("a mixture (data.corpora)", "a single data.corpus")
+            if self.is_mixture:
+                saved, current = current, saved
+            raise ConfigError(
+                f"the checkpoint's data position belongs to {saved} but this recipe trains on {current}; resume "
+                "with the data settings the run started with, or start a new run (model.init_from keeps the weights)"
+            )
         self._restored_state = state_dict
         if self._stream is not None:
             self._restore_stream(state_dict)
-        if self._sampler is not None:
+        if self._schedule is not None:
+            self._restore_mixture(state_dict)
+        if isinstance(self._sampler, TrainingSampler):
             self._restore_sampler(state_dict)
 
-    def _restore_sampler(self, state: dict[str, Any]) -> None:
-        assert self._sampler is not None
-        consumed, saved_replicas = state["consumed"], state["num_replicas"]
-        num_replicas = self._sampler.num_replicas
-        if saved_replicas != num_replicas:
-            # After k indices per rank on R ranks the first k * R positions of the epoch's permutation
-            # are used (see ResumableDistributedSampler), whatever the number of ranks that follows.
-            used = consumed * saved_replicas
-            consumed = used // num_replicas
+    def _restore_mixture(self, state: dict[str, Any]) -> None:
+        assert self._schedule is not None
+        differences = self._schedule.load_state_dict(state["mixture"], self.allow_mixture_change)
+        if differences:
             log.warning(
-                "resuming on %d ranks from a checkpoint taken on %d: %d examples of epoch %d were used; "
-                "%d of them are seen again",
-                num_replicas,
-                saved_replicas,
-                used,
-                state["epoch"],
-                used - consumed * num_replicas,
+                "data.allow_mixture_change=true: continuing with a mixture that differs from the checkpoint's:\n  %s",
+                "\n  ".join(differences),
             )
-        self._sampler.load_state_dict({"epoch": state["epoch"], "consumed": consumed})
+        # Applied once: a second load_state_dict call (or none) must not reapply an old position.
+        self._restored_state = None
+
+    def _restore_sampler(self, state: dict[str, Any]) -> None:
+        assert isinstance(self._sampler, TrainingSampler)
+        self._sampler.restore(state["epoch"], state["consumed"], state["num_replicas"])
         self._start_next_epoch_if_exhausted()
 
     def _restore_stream(self, state: dict[str, Any]) -> None:

@@ -26,24 +26,29 @@ def num_blocks(num_tokens: int, seq_len: int) -> int:
 class PackedBlocks(Dataset[torch.Tensor]):
     """Map-style dataset of overlapping seq_len + 1 token windows over a token array or memmap."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, split: str = "train") -> None:
+    def __init__(self, tokens: np.ndarray, seq_len: int, split: str = "train", source: str | None = None) -> None:
         """Wraps a token stream.
 
         Args:
             tokens: Flat token ids (uint16/uint32 memmap or any integer array).
             seq_len: Tokens per example, not counting the extra target token.
             split: Name of the split, used in error messages.
+            source: Name of the mixture source the tokens belong to, used in error messages.
 
         Raises:
             ConfigError: If the stream holds fewer than seq_len + 1 tokens.
         """
         if len(tokens) < seq_len + 1:
             if split == "validation":
-                remedy = "hold out more documents (data.corpus.val_fraction, or data.corpus.streaming_val_docs)"
+                remedy = (
+                    "hold out more documents (data.corpus.val_fraction, or data.corpus.streaming_val_docs), or set "
+                    "data.corpus.val_fraction=0 (streaming: streaming_val_docs=0) to train without validation"
+                )
             else:
                 remedy = "lower data.corpus.val_fraction"
+            owner = f"the {split} split" if source is None else f"the {split} split of source {source!r}"
             raise ConfigError(
-                f"the {split} split has {len(tokens)} tokens but data.corpus.seq_len={seq_len} needs at least "
+                f"{owner} has {len(tokens)} tokens but data.corpus.seq_len={seq_len} needs at least "
                 f"{seq_len + 1} for one example; use a smaller data.corpus.seq_len, add documents or {remedy}"
             )
         self.tokens = tokens

@@ -8,6 +8,7 @@ prefetched examples on resume.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sized
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from sdmoe_train.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 # Subclassing DistributedSampler (not only Sampler) matters under Lightning: with
@@ -113,6 +116,42 @@ class ResumableDistributedSampler(DistributedSampler):
             )
         self.epoch = state["epoch"]
         self.consumed = state["consumed"]
+
+
+class TrainingSampler(ResumableDistributedSampler):
+    """The train sampler of the data module, which alone moves it to a new epoch.
+
+    Lightning's epoch counter is not the data position (a run stopped by ``max_steps`` mid-epoch is saved as
+    a finished epoch), so its ``set_epoch`` calls are ignored.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignores Lightning's epoch counter."""
+
+    def start_next_epoch(self) -> None:
+        """Moves to the next epoch's permutation, starting from its beginning."""
+        super().set_epoch(self.epoch + 1)
+
+    def restore(self, epoch: int, consumed: int, saved_replicas: int) -> None:
+        """Restores a position saved on ``saved_replicas`` ranks, on this sampler's number of ranks.
+
+        After k indices per rank on R ranks the first k * R positions of the epoch's permutation are
+        used, whatever the number of ranks that follows; on fewer or more ranks the position continues
+        from there, and the up to R - 1 examples the new split hands out again are logged.
+        """
+        if saved_replicas != self.num_replicas:
+            used = consumed * saved_replicas
+            consumed = used // self.num_replicas
+            log.warning(
+                "resuming on %d ranks from a checkpoint taken on %d: %d examples of epoch %d were used; "
+                "%d of them are seen again",
+                self.num_replicas,
+                saved_replicas,
+                used,
+                epoch,
+                used - consumed * self.num_replicas,
+            )
+        self.load_state_dict({"epoch": epoch, "consumed": consumed})
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

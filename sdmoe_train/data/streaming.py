@@ -21,6 +21,7 @@ reads documents in file order and resumes exactly.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import IterableDataset
 
 from sdmoe_train.data.config import DataConfig
-from sdmoe_train.data.documents import load_documents
+from sdmoe_train.data.documents import document_texts, load_documents
 from sdmoe_train.data.packing import num_blocks
 from sdmoe_train.data.tokenizer import encode_documents, eos_token_id
 from sdmoe_train.errors import ConfigError
@@ -43,8 +44,8 @@ _ENCODE_BATCH_DOCS = 64
 """Documents tokenized per ``encode_batch`` call (the tokenizer parallelises within a call)."""
 
 
-def _digest(text: str | None) -> bytes:
-    return hashlib.blake2b((text or "").encode(), digest_size=16).digest()
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def held_out_documents(config: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, frozenset[bytes]]:
@@ -59,7 +60,7 @@ def held_out_documents(config: DataConfig, tokenizer: Tokenizer) -> tuple[np.nda
         :class:`StreamingPackedBlocks` uses to leave them out of training.
     """
     documents = load_documents(config, streaming=True)
-    texts = [document["text"] for document in documents.take(config.streaming_val_docs)]
+    texts = list(itertools.islice(document_texts(documents, config), config.streaming_val_docs))
     ids = encode_documents(tokenizer, texts, eos_token_id(tokenizer))
     tokens = np.fromiter((token for document in ids for token in document), dtype=np.int64)
     return tokens, frozenset(_digest(text) for text in texts)
@@ -150,20 +151,13 @@ class StreamingPackedBlocks(IterableDataset):
                 )
             epoch, stream_state = epoch + 1, None
 
-    def _document_batches(
-        self, stream: datasets.IterableDataset
-    ) -> Iterator[tuple[list[str | None], list[dict[str, Any]]]]:
-        texts: list[str | None] = []
+    def _document_batches(self, stream: datasets.IterableDataset) -> Iterator[tuple[list[str], list[dict[str, Any]]]]:
+        texts: list[str] = []
         states: list[dict[str, Any]] = []
-        for document in stream:
-            if "text" not in document:
-                raise ConfigError(
-                    f"data.corpus.text_field={self.config.text_field!r} is not a column of the documents "
-                    f"(columns: {sorted(document)})"
-                )
-            if self.held_out and _digest(document["text"]) in self.held_out:
+        for text in document_texts(stream, self.config):
+            if self.held_out and _digest(text) in self.held_out:
                 continue
-            texts.append(document["text"])
+            texts.append(text)
             # The state after reading this document: resuming from it continues with the next one.
             states.append(stream.state_dict())
             if len(texts) == _ENCODE_BATCH_DOCS:

@@ -5,13 +5,14 @@ Training is an explicit, separate step (``sdmoe-train prepare``); the data modul
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import itertools
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from sdmoe_train.data.config import DataConfig, data_format, resolve_data_files
-from sdmoe_train.data.documents import load_documents, load_file_documents
+from sdmoe_train.data.config import DataConfig, SourceSettings
+from sdmoe_train.data.documents import document_texts, load_documents
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.io import write_text_atomically
 
@@ -43,24 +44,41 @@ def train_tokenizer(files: list[str], vocab_size: int, output_path: str | Path, 
         ConfigError: If a pattern matches no file, formats are mixed or vocab_size is too small.
     """
     _check_vocab_size(vocab_size)
-    fmt = data_format(files, owner="tokenizer training files")
-    paths = resolve_data_files(files, owner="tokenizer training files")
-    documents = load_file_documents(paths, fmt, text_field, streaming=True)
-    return _train_on(documents, vocab_size, Path(output_path))
+    source = SourceSettings(data_files=list(files), text_field=text_field)
+    texts = document_texts(load_documents(source, streaming=True), source)
+    return _train_on(texts, vocab_size, Path(output_path))
 
 
-def train_corpus_tokenizer(config: DataConfig, output_path: str | Path) -> Tokenizer:
-    """Trains the byte-level BPE tokenizer of a corpus (local files or a hub dataset), streaming it once.
+def train_corpus_tokenizer(
+    config: DataConfig, output_path: str | Path, sources: Sequence[SourceSettings] | None = None
+) -> Tokenizer:
+    """Trains the byte-level BPE tokenizer of a corpus or a mixture, streaming each source once.
+
+    A mixture's tokenizer is trained on the concatenation of its sources, every document once,
+    whatever the mixture weights: the tokenizer (and with it every token cache) then stays valid
+    when the weights change.
 
     Args:
-        config: The corpus; ``config.vocab_size`` sets the vocabulary size.
+        config: The shared data settings; ``config.vocab_size`` sets the vocabulary size.
         output_path: Where to write tokenizer.json.
+        sources: The sources to train on (``data.corpora``); None trains on ``config``'s own source.
 
     Returns:
         The trained tokenizer.
+
+    Raises:
+        ConfigError: If a source is already tokenized (``token_field``).
     """
     _check_vocab_size(config.vocab_size)
-    return _train_on(load_documents(config, streaming=True), config.vocab_size, Path(output_path))
+    sources = sources or [config]
+    tokenized = [source.setting_prefix for source in sources if source.token_field is not None]
+    if tokenized:
+        raise ConfigError(
+            f"{', '.join(tokenized)} hold token ids, which only the tokenizer that produced them can read; "
+            f"set data.corpus.tokenizer={config.tokenizer!r} to that tokenizer instead of training a new one"
+        )
+    texts = [document_texts(load_documents(source, streaming=True), source) for source in sources]
+    return _train_on(itertools.chain.from_iterable(texts), config.vocab_size, Path(output_path))
 
 
 def _check_vocab_size(vocab_size: int) -> None:
@@ -68,7 +86,7 @@ def _check_vocab_size(vocab_size: int) -> None:
         raise ConfigError(f"vocab_size={vocab_size} must be >= 257 (256 bytes + {EOS_TOKEN})")
 
 
-def _train_on(documents: Iterable[dict], vocab_size: int, output_path: Path) -> Tokenizer:
+def _train_on(texts: Iterable[str], vocab_size: int, output_path: Path) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -79,15 +97,10 @@ def _train_on(documents: Iterable[dict], vocab_size: int, output_path: Path) -> 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_texts(documents), trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     # A crash while writing must not leave a truncated tokenizer.json that a later run would load.
     write_text_atomically(output_path, tokenizer.to_str())
     return tokenizer
-
-
-def _texts(documents: Iterable[dict]) -> Iterator[str]:
-    for document in documents:
-        yield document["text"] or ""
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

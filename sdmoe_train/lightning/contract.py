@@ -27,9 +27,11 @@ class MoETrainingModule(Protocol):
     step_skipped: bool
     """Set by :class:`~sdmoe_train.lightning.callbacks.NonFiniteGuard` when it drops this step's gradients;
     the module then leaves out the work of a completed step (bias update, SD-MoE step end)."""
+    tokens_seen: int
+    """Training tokens of all ranks so far (restored on resume); the throughput monitor counts with it."""
 
 
-_CONTRACT = ("model", "expert_groups", "last_routing", "step_skipped")
+_CONTRACT = ("model", "expert_groups", "last_routing", "step_skipped", "tokens_seen")
 
 
 def training_module(pl_module: Any, callback: str) -> MoETrainingModule:

@@ -11,10 +11,22 @@ optimizer step (Lightning 2.6, any ``accumulate_grad_batches``):
    summed over micro-batches *and* ranks, so every rank applies the same bias change, then the SD-MoE
    step end (strict update projection, step count, basis refresh every ``refresh_every`` steps).
 
+The transformer is built on the meta device in ``__init__`` (shapes only, so paper-scale presets construct
+anywhere) and materialised in ``configure_model``: experts sharded first, then weights allocated on the
+rank's device with exactly the values eager construction gives them (:mod:`sdmoe_train.models.meta_init`),
+then ``init_from`` weights loaded and decoder blocks compiled (``parallel.compile``).
+
 SD-MoE (arXiv 2602.12556) is applied in ``__init__``, before any optimizer exists; with
 ``sdmoe.enabled: false`` (or no ``sdmoe``) the model is the vanilla one and none of its hooks do work.
-SSMoE spectral routing (arXiv 2605.30992) is applied after it and after ``init_from`` weights are loaded;
-its U is recomputed every ``ssmoe.refresh_every`` optimizer steps, right after the step (step 3).
+SSMoE spectral routing (arXiv 2605.30992) is applied after it; its U is computed once the weights (and any
+``init_from`` weights) are in place, and recomputed every ``ssmoe.refresh_every`` optimizer steps, right
+after the step (step 3).
+
+Packed documents: when the data module sets ``cross_document_attention: false`` or
+``restart_positions: true``, every forward derives the document of each token from the EOS positions
+of the batch and hands the model the document ids (block-diagonal causal attention) and/or positions
+restarting at each document. A mixture's validation runs one loader per source: ``val/loss/<source>``
+per source, and ``val/loss`` as their mean weighted by the mixture's shares.
 """
 
 # Shape key: B sequences, S tokens, V vocabulary, L MoE layers, E experts.
@@ -22,6 +34,7 @@ its U is recomputed every ``ssmoe.refresh_every`` optimizer steps, right after t
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +48,11 @@ from sdmoe_train.checkpointing.model_state import model_state
 from sdmoe_train.checkpointing.run_identity import IDENTITY_KEY, check_resume_compatibility, run_identity
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.optim import OptimConfig, build_optimizer
+from sdmoe_train.models.compilation import compile_blocks
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
-from sdmoe_train.models.transformer import MoEAux, Transformer, language_model_loss
+from sdmoe_train.models.document_attention import document_ids, positions_in_documents
+from sdmoe_train.models.meta_init import capture_rng_state, materialise, on_meta_device
+from sdmoe_train.models.transformer import MoEAux, Transformer, TransformerOutput, language_model_loss
 from sdmoe_train.moe.diagnostics import load_health
 from sdmoe_train.moe.sdmoe import (
     SDMoEConfig,
@@ -57,7 +73,12 @@ from sdmoe_train.moe.ssmoe_router import (
 )
 from sdmoe_train.parallel.config import ParallelConfig
 from sdmoe_train.parallel.groups import ExpertParallelGroups
-from sdmoe_train.parallel.lightning import enable_expert_parallel, expert_param_groups, uses_deepspeed
+from sdmoe_train.parallel.lightning import (
+    enable_expert_parallel,
+    expert_param_groups,
+    local_expert_state,
+    uses_deepspeed,
+)
 
 # Checkpoints store the typed configs as hyper-parameters; allow them through torch.load(weights_only=True).
 # MoEConfig moved from models/config.py to moe/config.py; checkpoints written before still name the old path.
@@ -71,7 +92,8 @@ def _read_model_weights(path: str) -> dict[str, Tensor]:
     if not Path(path).is_file():
         raise ConfigError(f"model.init_from={path!r} is not a file; pass a .ckpt from `sdmoe-train import` or a run")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped: the tensors are read from the file only when they are loaded into the model.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         raise ConfigError(f"model.init_from={path!r} is not a readable checkpoint ({error})") from error
     weights = model_state(checkpoint) if isinstance(checkpoint, dict) else {}
@@ -82,7 +104,10 @@ def _read_model_weights(path: str) -> dict[str, Tensor]:
 
 def _load_model_weights(model: Transformer, weights: dict[str, Tensor], path: str) -> None:
     try:
-        model.load_state_dict(weights, strict=True)
+        with warnings.catch_warnings():
+            # Into a meta-device model this only checks names and shapes, which is what it is used for there.
+            warnings.filterwarnings("ignore", message="for .*: copying from a non-meta parameter", category=UserWarning)
+            model.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise ConfigError(
             f"model.init_from={path!r} does not fit model.arch (missing, unexpected or differently shaped "
@@ -129,6 +154,7 @@ class PretrainModule(L.LightningModule):
         self.expert_groups: ExpertParallelGroups | None = None
         """The expert-parallel layout, set in :meth:`configure_model` when ``parallel.ep_size > 1``."""
         self._gradients_projected_in_backward = False
+        self._blocks_compiled = False
         self.ssmoe = ssmoe or SSMoEConfig()
         if self.ssmoe.enabled and self.parallel.ep_size > 1:
             raise ConfigError(
@@ -141,21 +167,25 @@ class PretrainModule(L.LightningModule):
                 f"model.sdmoe.bases_from=experts with model.parallel.ep_size={self.parallel.ep_size} is not "
                 "supported: the bases would need every expert on each rank; use bases_from=common or ep_size=1"
             )
-        self.model = Transformer(arch)
-        initial_weights = None if init_from is None else _read_model_weights(init_from)
-        checkpoint_decoupled = initial_weights is not None and is_decoupled_state(initial_weights)
-        if initial_weights is not None and checkpoint_decoupled != self.sdmoe.enabled:
+        self._init_rng_state = capture_rng_state()
+        # Shapes only: the weights get storage where they will live in `configure_model` (docs/performance.md).
+        with torch.device("meta"):
+            self.model = Transformer(arch)
+            apply_spectral_decoupling(self.model, self.sdmoe)
+            apply_spectral_routing(self.model, self.ssmoe)
+        self._init_from = init_from
+        self._initial_weights = None if init_from is None else _read_model_weights(init_from)
+        checkpoint_decoupled = self._initial_weights is not None and is_decoupled_state(self._initial_weights)
+        if self._initial_weights is not None and checkpoint_decoupled != self.sdmoe.enabled:
             raise ConfigError(
                 f"model.init_from={init_from!r} holds {'SD-MoE' if checkpoint_decoupled else 'plain'} expert "
                 f"weights but model.sdmoe.enabled={self.sdmoe.enabled}; SD-MoE initialises its common and unique "
                 "parts itself (docs/design/sdmoe.md §3), so start SD-MoE from an SD-MoE checkpoint and a plain MoE "
                 "from a plain one"
             )
-        apply_spectral_decoupling(self.model, self.sdmoe)
-        if initial_weights is not None:
-            # U is derived from weights; it is rebuilt from the loaded ones when SSMoE is enabled below.
-            _load_model_weights(self.model, without_spectral_rows(initial_weights), init_from)
-        apply_spectral_routing(self.model, self.ssmoe)
+        if self._initial_weights is not None:
+            # Checks names and shapes now, against the meta model; the values are loaded in `configure_model`.
+            _load_model_weights(self.model, without_spectral_rows(self._initial_weights), init_from)
         self.val_loss = MeanMetric()
         self.val_perplexity = Perplexity()
         self.tokens_seen = 0
@@ -167,16 +197,34 @@ class PretrainModule(L.LightningModule):
         """Routing record of the latest training micro-batch, read by the routing-health monitor."""
         self._tokens_since_step = 0
         self._last_step_time = time.perf_counter()
+        self._document_eos_id: int | None = None
+        """EOS id marking document ends when documents are masked or positions restart (set in setup)."""
+        self._mask_documents = False
+        self._restart_positions = False
+        self._validation_sources: list[str] | None = None
+        self._source_shares: dict[str, float] = {}
+        self.val_source_losses = torch.nn.ModuleDict()
+        """Validation loss per mixture source (created in setup)."""
 
     def configure_model(self) -> None:
-        # Lightning calls this once the processes are up, before the strategy wraps the model and before a
-        # checkpoint is restored into it, so the shards below are what the optimizer and checkpoints see.
+        """Shard the experts, give the weights storage, compile: once, before any use of the model.
+
+        Lightning calls this once the processes are up, with the rank's device as the default device, before
+        the strategy wraps the model and before a checkpoint is restored into it, so the shards below are what
+        the optimizer and checkpoints see; ``load_from_checkpoint`` calls it outside any run (one process,
+        all experts, CPU). Code that uses a module without either calls it itself.
+        """
         if self.parallel.activation_checkpointing:
             self.model.activation_checkpointing = True
-        if self._trainer is None:  # `load_from_checkpoint` calls this outside any run: one process, all experts
-            return
-        if self.parallel.ep_size > 1 and self.expert_groups is None:
+        if self._trainer is not None and self.parallel.ep_size > 1 and self.expert_groups is None:
             self.expert_groups = enable_expert_parallel(self.model, self.parallel, self.trainer)
+        if on_meta_device(self.model):
+            self._materialise()
+        if self.parallel.compile and not self._blocks_compiled:
+            compile_blocks(self.model)
+            self._blocks_compiled = True
+        if self._trainer is None:
+            return
         if self.sdmoe.enabled and uses_deepspeed(self.trainer) and not self._gradients_projected_in_backward:
             for option in ("strict", "reproject_unique"):
                 if getattr(self.sdmoe, option):
@@ -188,6 +236,24 @@ class PretrainModule(L.LightningModule):
             register_gradient_projection_hooks(self.model)
             self._gradients_projected_in_backward = True
 
+    def cpu(self) -> PretrainModule:
+        # Lightning's teardown moves the module to the CPU, also after an error that stopped the run before
+        # `configure_model` (bad data, a vocabulary check): a meta-device model then has nothing to move, and
+        # moving it would fail and hide that error.
+        if on_meta_device(self.model):
+            return self
+        return super().cpu()
+
+    def _materialise(self) -> None:
+        # Inside Lightning's init context the default device is the strategy's root device (the rank's GPU).
+        materialise(self.model, torch.get_default_device(), self._init_rng_state)
+        if self._initial_weights is not None:
+            # U is derived from weights; SSMoE rebuilds it from the loaded ones right below.
+            weights = local_expert_state(without_spectral_rows(self._initial_weights), self.model, self.expert_groups)
+            _load_model_weights(self.model, weights, self._init_from)
+            self._initial_weights = None
+        refresh_spectral_routers(self.model)
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         data_vocab = getattr(datamodule, "vocab_size", None)
@@ -196,13 +262,33 @@ class PretrainModule(L.LightningModule):
                 f"model.arch.vocab_size={self.arch.vocab_size} is smaller than the tokenizer's vocabulary "
                 f"({data_vocab}); set model.arch.vocab_size >= {data_vocab}"
             )
+        self._mask_documents = not getattr(datamodule, "cross_document_attention", True)
+        self._restart_positions = getattr(datamodule, "restart_positions", False)
+        if self._mask_documents or self._restart_positions:
+            self._document_eos_id = datamodule.eos_token_id
+        self._validation_sources = getattr(datamodule, "validation_sources", None)
+        if self._validation_sources:
+            weights = datamodule.mixture_weights
+            total = sum(weights[name] for name in self._validation_sources)
+            self._source_shares = {name: weights[name] / total for name in self._validation_sources}
+            self.val_source_losses = torch.nn.ModuleDict({name: MeanMetric() for name in self._validation_sources})
 
     def forward(self, tokens_BS: Tensor) -> Tensor:
-        return self.model(tokens_BS).logits
+        return self._model_outputs(tokens_BS).logits
+
+    def _model_outputs(self, inputs_BS: Tensor) -> TransformerOutput:
+        if self._document_eos_id is None:
+            return self.model(inputs_BS)
+        ids_BS = document_ids(inputs_BS, self._document_eos_id)
+        return self.model(
+            inputs_BS,
+            document_ids_BS=ids_BS if self._mask_documents else None,
+            positions_BS=positions_in_documents(ids_BS) if self._restart_positions else None,
+        )
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         inputs_BS, targets_BS = batch[:, :-1], batch[:, 1:]
-        out = self.model(inputs_BS)
+        out = self._model_outputs(inputs_BS)
         lm_loss = language_model_loss(out.logits, targets_BS)
         loss = lm_loss
         if out.moe is not None:
@@ -283,6 +369,10 @@ class PretrainModule(L.LightningModule):
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("train/tokens_per_sec", tokens / max(now - self._last_step_time, 1e-9), prog_bar=True)
         self._last_step_time = now
+        mixture_metrics = getattr(getattr(self.trainer, "datamodule", None), "mixture_metrics", None)
+        if mixture_metrics is not None:
+            # Computed from the mixture position, which is global and the same on every rank.
+            self.log_dict(mixture_metrics())
 
     def on_fit_start(self) -> None:
         # A `trainer.validate` before `fit` leaves the metric states as inference-mode tensors, which
@@ -293,20 +383,27 @@ class PretrainModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._last_step_time = time.perf_counter()
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         inputs_BS, targets_BS = batch[:, :-1], batch[:, 1:]
-        out = self.model(inputs_BS)
+        out = self._model_outputs(inputs_BS)
         logits_BSV = out.logits.float()
         if out.moe is not None:
             load_LE = out.moe.tokens_per_expert_LE
             self._val_load_LE = load_LE if self._val_load_LE is None else self._val_load_LE + load_LE
-        self.val_loss.update(language_model_loss(logits_BSV, targets_BS), weight=targets_BS.numel())
+        loss = language_model_loss(logits_BSV, targets_BS)
+        if self._validation_sources:
+            self.val_source_losses[self._validation_sources[dataloader_idx]].update(loss, weight=targets_BS.numel())
+            return
+        self.val_loss.update(loss, weight=targets_BS.numel())
         self.val_perplexity.update(logits_BSV, targets_BS)
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/perplexity", self.val_perplexity)
 
     def on_validation_epoch_end(self) -> None:
-        """Routing health of the whole validation set per MoE layer: ``val/<quantity>/layer_NN``."""
+        """Per-source losses of a mixture, and routing health of the whole validation set per MoE layer:
+        ``val/<quantity>/layer_NN``."""
+        if self._validation_sources:
+            self._log_source_losses()
         if self._val_load_LE is None:
             return
         load_LE = self.trainer.strategy.reduce(self._val_load_LE, reduce_op="sum")
@@ -315,6 +412,21 @@ class PretrainModule(L.LightningModule):
         for row, (index, _) in enumerate(self.model.moe_layers()):
             for name in ("load_entropy", "dead_expert_fraction", "load_cv"):
                 self.log(f"val/{name}/layer_{index:02d}", health[name][row])
+
+    def _log_source_losses(self) -> None:
+        # Every rank validates the same number of batches per source, so all take the same branches
+        # (compute() synchronises across ranks).
+        losses = {}
+        for name, metric in self.val_source_losses.items():
+            if metric.update_count > 0:
+                losses[name] = metric.compute()
+                self.log(f"val/loss/{name}", losses[name])
+            metric.reset()
+        if losses:
+            shares = torch.tensor([self._source_shares[name] for name in losses])
+            overall = (torch.stack(list(losses.values())).cpu() * shares).sum() / shares.sum()
+            self.log("val/loss", overall, prog_bar=True)
+            self.log("val/perplexity", overall.exp())
 
     def configure_optimizers(self) -> dict[str, Any]:
         # A tied output head is the embedding tensor itself, so it follows the embedding's policy.

@@ -1,6 +1,8 @@
 """Causal self-attention: grouped-query attention and DeepSeek Multi-head Latent Attention.
 
-Both run through ``F.scaled_dot_product_attention`` so the best fused kernel for the device is used.
+Both run through ``F.scaled_dot_product_attention`` so the best fused kernel for the device is used;
+with a :class:`~sdmoe_train.models.document_attention.DocumentMask` (packed documents that must not
+see each other) they attend only within each token's document instead.
 MLA follows DeepSeek-V2 (arXiv 2405.04434 §2.1): queries optionally go through a low-rank bottleneck,
 keys and values come from one compressed latent (kv_lora_rank) plus a single rotary key shared by all
 heads. This module computes full attention for training; latent caching for decoding is out of scope.
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdmoe_train.models.config import MLAConfig, TransformerConfig
+from sdmoe_train.models.document_attention import DocumentMask
 from sdmoe_train.models.rope import apply_rotary
 
 
@@ -39,7 +42,7 @@ class GroupedQueryAttention(nn.Module):
     def rotary_dim(self) -> int:
         return self.head_dim
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask | None = None) -> Tensor:
         batch, seq_len, _ = x_BSD.shape
         q_BSHd = self.q_proj(x_BSD).view(batch, seq_len, self.num_heads, self.head_dim)
         k_BSGd = self.k_proj(x_BSD).view(batch, seq_len, self.num_kv_heads, self.head_dim)
@@ -48,9 +51,12 @@ class GroupedQueryAttention(nn.Module):
         q_BHSd, k_BGSd = q_BSHd.transpose(1, 2), k_BSGd.transpose(1, 2)
         v_BGSd = self.v_proj(x_BSD).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_BHSd, k_BGSd = apply_rotary(q_BHSd, cos, sin), apply_rotary(k_BGSd, cos, sin)
-        out_BHSd = F.scaled_dot_product_attention(
-            q_BHSd, k_BGSd, v_BGSd, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        if mask is None:
+            out_BHSd = F.scaled_dot_product_attention(
+                q_BHSd, k_BGSd, v_BGSd, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
+            )
+        else:
+            out_BHSd = mask.attend(q_BHSd, k_BGSd, v_BGSd)
         return self.o_proj(out_BHSd.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -81,7 +87,7 @@ class MultiHeadLatentAttention(nn.Module):
     def rotary_dim(self) -> int:
         return self.mla.qk_rope_head_dim
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask | None = None) -> Tensor:
         mla, heads = self.mla, self.num_heads
         batch, seq_len, _ = x_BSD.shape
         if mla.q_lora_rank is None:
@@ -98,7 +104,10 @@ class MultiHeadLatentAttention(nn.Module):
 
         q_BHSd = torch.cat((q_nope, apply_rotary(q_rope, cos, sin)), dim=-1)
         k_BHSd = torch.cat((k_nope, k_rope_B1Sd.expand(-1, heads, -1, -1)), dim=-1)
-        out_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, is_causal=True, scale=self.softmax_scale)
+        if mask is None:
+            out_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, is_causal=True, scale=self.softmax_scale)
+        else:
+            out_BHSd = mask.attend(q_BHSd, k_BHSd, v_BHSd, scale=self.softmax_scale)
         return self.o_proj(out_BHSd.transpose(1, 2).reshape(batch, seq_len, -1))
 
 

@@ -40,6 +40,12 @@ def count_parameters(config: TransformerConfig) -> ParameterCounts:
     """Count parameters of ``config`` without allocating weights."""
     with torch.device("meta"):
         model = Transformer(config)
+    return count_model_parameters(model)
+
+
+def count_model_parameters(model: Transformer) -> ParameterCounts:
+    """Count the parameters of a built model (on any device, the meta device included)."""
+    config = model.config
     total = sum(p.numel() for p in model.parameters())
     routed = sum(p.numel() for m in model.modules() if isinstance(m, ExpertBank) for p in m.parameters())
     active_routed = 0 if config.moe is None else routed * config.moe.top_k // config.moe.num_experts

@@ -10,10 +10,16 @@ import torch
 from torch import Tensor
 
 
-def rotary_tables(seq_len: int, rotary_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos and sin tables of shape (S, rotary_dim), fp32."""
+def rotary_tables(
+    seq_len: int, rotary_dim: int, theta: float, device: torch.device, positions_BS: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables, fp32: (S, rotary_dim) for positions 0..S-1, or (B, 1, S, rotary_dim) for
+    per-token ``positions_BS`` (positions restarting at each packed document), broadcasting over heads."""
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    if positions_BS is None:
+        angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    else:
+        angles = (positions_BS.to(torch.float32)[..., None] * inv_freq).unsqueeze(1)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdmoe_train.models.attention import build_attention
 from sdmoe_train.models.config import TransformerConfig
+from sdmoe_train.models.document_attention import DocumentKernel, DocumentMask
 from sdmoe_train.models.rope import rotary_tables
 from sdmoe_train.moe.layer import MoELayer, MoELayerStats
 from sdmoe_train.moe.mlp import SwiGLU
@@ -85,8 +86,10 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(config.hidden_dim, config.dense_hidden_dim)
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoELayerStats | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+    def forward(
+        self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask | None = None
+    ) -> tuple[Tensor, MoELayerStats | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, mask)
         if isinstance(self.ffn, MoELayer):
             ffn_out, stats = self.ffn(self.ffn_norm(x_BSD))
             return x_BSD + ffn_out, stats
@@ -107,29 +110,44 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False
         """Recompute each block in backward instead of storing its activations (set by the training setup)."""
+        self.document_kernel: DocumentKernel = "auto"
+        """Kernel of document-masked attention (see :mod:`sdmoe_train.models.document_attention`)."""
         self.reset_parameters()
 
-    def forward(self, tokens_BS: Tensor) -> TransformerOutput:
+    def forward(
+        self, tokens_BS: Tensor, document_ids_BS: Tensor | None = None, positions_BS: Tensor | None = None
+    ) -> TransformerOutput:
         """Next-token logits for a batch of token ids.
 
         Args:
             tokens_BS: int64 token ids, S <= config.max_seq_len.
+            document_ids_BS: Document index of every token of packed sequences (see
+                :func:`~sdmoe_train.models.document_attention.document_ids`); tokens then attend only
+                within their document. None attends across the whole sequence.
+            positions_BS: Rotary position of every token (e.g. restarting at each document); None
+                numbers each sequence 0..S-1.
 
         Returns:
             Logits (B, S, V) and, for MoE models, the per-layer routing record.
+
+        Raises:
+            ValueError: If the sequences are longer than ``config.max_seq_len``.
         """
         seq_len = tokens_BS.shape[1]
-        assert seq_len <= self.config.max_seq_len, f"sequence of {seq_len} > max_seq_len={self.config.max_seq_len}"
+        if seq_len > self.config.max_seq_len:
+            # Not an assert: under `python -O` the model would silently train past its context length.
+            raise ValueError(f"sequence of {seq_len} tokens > max_seq_len={self.config.max_seq_len}")
         cos, sin = rotary_tables(
-            seq_len, self.blocks[0].attn.rotary_dim, self.config.attention.rope_theta, tokens_BS.device
+            seq_len, self.blocks[0].attn.rotary_dim, self.config.attention.rope_theta, tokens_BS.device, positions_BS
         )
+        mask = None if document_ids_BS is None else DocumentMask(document_ids_BS, self.document_kernel)
         x_BSD = self.embed(tokens_BS)
         moe_indices, moe_stats = [], []
         for index, block in enumerate(self.blocks):
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x_BSD, stats = checkpoint(block, x_BSD, cos, sin, use_reentrant=False)
+                x_BSD, stats = checkpoint(block, x_BSD, cos, sin, mask, use_reentrant=False)
             else:
-                x_BSD, stats = block(x_BSD, cos, sin)
+                x_BSD, stats = block(x_BSD, cos, sin, mask)
             if stats is not None:
                 moe_indices.append(index)
                 moe_stats.append(stats)
@@ -156,19 +174,29 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialise every parameter by the scheme in the module docstring."""
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, param in self.named_parameters():
-            if name.endswith(".bias"):
-                nn.init.zeros_(param)
-            elif param.dim() == 1:
-                nn.init.ones_(param)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
-                nn.init.normal_(param, std=residual_std)
-            else:
-                nn.init.normal_(param, std=std)
+            init_parameter_(param, name, self.config)
         for _, layer in self.moe_layers():
             layer.router.selection_bias.zero_()
+
+
+@torch.no_grad()
+def init_parameter_(
+    param: Tensor, name: str, config: TransformerConfig, generator: torch.Generator | None = None
+) -> None:
+    """Fill ``param`` (named as in ``Transformer.named_parameters``) by the scheme in the module docstring.
+
+    Biases and 1-D weights (norms) draw no random numbers; every other parameter draws one normal sample
+    per element from ``generator`` (torch's global generator when None).
+    """
+    if name.endswith(".bias"):
+        param.zero_()
+    elif param.dim() == 1:
+        param.fill_(1.0)
+    elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+        param.normal_(0.0, config.init_std / math.sqrt(2 * config.n_layers), generator=generator)
+    else:
+        param.normal_(0.0, config.init_std, generator=generator)
 
 
 def language_model_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:

@@ -20,6 +20,16 @@ import torch
 from torch import Tensor
 
 
+def bin_counts(ids: Tensor, num_bins: int) -> Tensor:
+    """How often each of ``num_bins`` ids occurs in ``ids`` (int64, shape (num_bins,)).
+
+    ``torch.bincount`` with ``minlength`` computes the same, but its output length depends on the data,
+    which makes ``torch.compile`` break the graph at every call; this shape is fixed.
+    """
+    flat = ids.flatten()
+    return torch.zeros(num_bins, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int | None:
     """Copies each expert may keep: ``ceil(capacity_factor · T · K / E)``, or None when dropless."""
     if capacity_factor is None:
@@ -78,7 +88,7 @@ class LocalDispatcher:
         flat_ids = expert_ids_TK.flatten()
         # A stable sort keeps token order inside each expert, which fixes who is dropped at capacity.
         sorted_ids_N, copy_order_N = torch.sort(flat_ids, stable=True)
-        tokens_per_expert_E = torch.bincount(flat_ids, minlength=self.num_experts)
+        tokens_per_expert_E = bin_counts(flat_ids, self.num_experts)
         capacity = expert_capacity(num_tokens, top_k, self.num_experts, self.capacity_factor)
         if capacity is not None:
             expert_start_E = tokens_per_expert_E.cumsum(0) - tokens_per_expert_E

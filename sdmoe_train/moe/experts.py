@@ -39,6 +39,31 @@ def _has_grouped_mm_kernel(x_ND: Tensor, weight_EOI: Tensor) -> bool:
     return False
 
 
+def _autocast_operands(x_ND: Tensor, weight_EOI: Tensor) -> tuple[Tensor, Tensor]:
+    """Both operands in autocast's low-precision dtype when autocast is on, as autocast treats ``mm``.
+
+    Autocast has no rule for grouped_mm: without this cast the expert GEMMs of a ``bf16-mixed`` run would
+    see the fp32 output of the RMSNorm and the fp32 master weights, run in fp32 and, on CUDA, where the
+    grouped kernel is bf16-only, fall back to the per-expert loop.
+    """
+    device_type = x_ND.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x_ND, weight_EOI
+    dtype = torch.get_autocast_dtype(device_type)
+    return x_ND.to(dtype), weight_EOI.to(dtype)
+
+
+def _grouped_mm(x_ND: Tensor, weight_EOI: Tensor, offsets_E: Tensor) -> Tensor:
+    out_NO = F.grouped_mm(x_ND, weight_EOI.transpose(-2, -1), offs=offsets_E)
+    if out_NO.requires_grad:
+        # The grouped_mm backward rejects zero-stride gradients such as those of ``out.sum()``.
+        out_NO.register_hook(torch.Tensor.contiguous)
+    return out_NO
+
+
+_grouped_mm_outside_graph = torch.compiler.disable(_grouped_mm)
+
+
 def grouped_linear(x_ND: Tensor, weight_EOI: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
     """Apply expert e's matrix to its contiguous slice of rows, for all experts at once.
 
@@ -50,13 +75,13 @@ def grouped_linear(x_ND: Tensor, weight_EOI: Tensor, tokens_per_expert_E: Tensor
     Returns:
         (N, out) outputs.
     """
+    x_ND, weight_EOI = _autocast_operands(x_ND, weight_EOI)
     if _has_grouped_mm_kernel(x_ND, weight_EOI):
         offsets_E = tokens_per_expert_E.cumsum(0, dtype=torch.int32)
-        out_NO = F.grouped_mm(x_ND, weight_EOI.transpose(-2, -1), offs=offsets_E)
-        if out_NO.requires_grad:
-            # The grouped_mm backward rejects zero-stride gradients such as those of ``out.sum()``.
-            out_NO.register_hook(torch.Tensor.contiguous)
-        return out_NO
+        if torch.compiler.is_compiling() and x_ND.dtype != torch.bfloat16:
+            # torch's shape function for grouped_mm (used while tracing) accepts bf16 only, the kernel more.
+            return _grouped_mm_outside_graph(x_ND, weight_EOI, offsets_E)
+        return _grouped_mm(x_ND, weight_EOI, offsets_E)
     slices = x_ND.split(tokens_per_expert_E.tolist())
     return torch.cat([rows @ w.T for rows, w in zip(slices, weight_EOI.unbind(0), strict=True)])
 
@@ -77,6 +102,11 @@ class ExpertBank(nn.Module):
     def __init__(self, num_experts: int, hidden_dim: int, expert_hidden_dim: int) -> None:
         super().__init__()
         self.num_experts = num_experts
+        """Experts held by this bank (fewer than the layer's on an expert-parallel rank)."""
+        self.total_experts = num_experts
+        """Experts of the whole layer."""
+        self.expert_offset = 0
+        """Layer index of this bank's first expert (non-zero on expert-parallel ranks after the first)."""
         self.gate_proj = nn.Parameter(torch.empty(num_experts, expert_hidden_dim, hidden_dim))
         self.up_proj = nn.Parameter(torch.empty(num_experts, expert_hidden_dim, hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, expert_hidden_dim))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from sdmoe_train.moe.config import MoEConfig
-from sdmoe_train.moe.dispatch import Dispatcher, LocalDispatcher, expert_capacity
+from sdmoe_train.moe.dispatch import Dispatcher, LocalDispatcher, bin_counts, expert_capacity
 from sdmoe_train.moe.experts import ExpertBank
 from sdmoe_train.moe.losses import load_balance_loss, router_z_loss, sequence_balance_loss
 from sdmoe_train.moe.mlp import SwiGLU
@@ -91,7 +91,7 @@ class MoELayer(nn.Module):
             if coef > 0:
                 weighted = weighted + coef * loss
         num_tokens, top_k = routing.expert_ids_TK.shape
-        tokens_per_expert_E = torch.bincount(routing.expert_ids_TK.flatten(), minlength=cfg.num_experts)
+        tokens_per_expert_E = bin_counts(routing.expert_ids_TK, cfg.num_experts)
         capacity = expert_capacity(num_tokens, top_k, cfg.num_experts, cfg.capacity_factor)
         if capacity is None:
             dropped = balance.new_zeros(())

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sdmoe_train.moe.dispatch import bin_counts
+
 
 def load_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor) -> Tensor:
     """Switch-style balance loss over all tokens of the micro-batch.
@@ -28,7 +30,7 @@ def load_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor) -> Tensor:
     """
     num_tokens, num_experts = probs_TE.shape
     top_k = expert_ids_TK.shape[-1]
-    counts_E = torch.bincount(expert_ids_TK.flatten(), minlength=num_experts).to(probs_TE.dtype)
+    counts_E = bin_counts(expert_ids_TK, num_experts).to(probs_TE.dtype)
     return num_experts / (top_k * num_tokens) * torch.dot(counts_E, probs_TE.mean(dim=0))
 
 
@@ -48,7 +50,7 @@ def sequence_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, num_sequences
     seq_len = num_tokens // num_sequences
     seq_of_copy_TK = torch.arange(num_sequences, device=probs_TE.device).repeat_interleave(seq_len)
     flat_ids = (seq_of_copy_TK.unsqueeze(-1) * num_experts + expert_ids_TK).flatten()
-    counts_BE = torch.bincount(flat_ids, minlength=num_sequences * num_experts)
+    counts_BE = bin_counts(flat_ids, num_sequences * num_experts)
     counts_BE = counts_BE.view(num_sequences, num_experts).to(probs_TE.dtype)
     mean_probs_BE = probs_TE.view(num_sequences, seq_len, num_experts).mean(dim=1)
     per_sequence_B = (counts_BE * mean_probs_BE).sum(dim=-1) * num_experts / (top_k * seq_len)

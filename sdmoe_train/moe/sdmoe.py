@@ -120,6 +120,9 @@ class DecoupledExpertBank(ExpertBank):
     def __init__(self, base: ExpertBank, config: SDMoEConfig, init_stds: dict[MatrixType, float], layer_index: int):
         """Decouple ``base`` with a fresh spectral initialisation (§3).
 
+        On the meta device only the shapes are created; :meth:`reset_parameters` initialises them once they
+        have storage.
+
         Args:
             base: the plain bank; banks of types that are not decomposed are taken over unchanged.
             config: SD-MoE settings (``config.rank`` already checked against the matrix shapes).
@@ -129,10 +132,14 @@ class DecoupledExpertBank(ExpertBank):
         # ExpertBank.__init__ would allocate the stacked banks this class replaces.
         nn.Module.__init__(self)
         self.num_experts = base.num_experts
+        self.total_experts = base.total_experts
+        self.expert_offset = base.expert_offset
         self.config = config
+        self.init_stds = dict(init_stds)
         self.layer_index = layer_index
         self.decomposed: tuple[MatrixType, ...] = tuple(t for t in MATRIX_TYPES if t in config.matrices)
-        self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64, device=base.gate_proj.device))
+        device = base.gate_proj.device
+        self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64, device=device))
         self._steps_mirror: int | None = None
         self.register_load_state_dict_post_hook(self._forget_steps_mirror)
         for matrix in MATRIX_TYPES:
@@ -140,16 +147,39 @@ class DecoupledExpertBank(ExpertBank):
             if matrix not in self.decomposed:
                 setattr(self, f"{matrix}_proj", bank_EMN)
                 continue
-            generator = torch.Generator(bank_EMN.device).manual_seed(
-                _derived_seed(config.seed, layer_index, MATRIX_TYPES.index(matrix))
+            rows, columns = bank_EMN.shape[1:]
+            empty = {"device": device, "dtype": bank_EMN.dtype}
+            setattr(self, f"{matrix}_proj_common", nn.Parameter(torch.empty(rows, columns, **empty)))
+            setattr(self, f"{matrix}_proj_unique", nn.Parameter(torch.empty(bank_EMN.shape, **empty)))
+            bases = {"device": device, "dtype": torch.float32}
+            self.register_buffer(f"{matrix}_proj_left_basis", torch.empty(rows, config.rank, **bases))
+            self.register_buffer(f"{matrix}_proj_right_basis", torch.empty(columns, config.rank, **bases))
+        if device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Spectral initialisation (docs/design/sdmoe.md §3) of every decomposed type and a zero step count.
+
+        W0 is drawn from a generator seeded by (seed, layer, type) and split on the CPU whatever the bank's
+        device, for all of the layer's experts, so a bank built on a GPU or holding an expert-parallel
+        slice gets exactly the values of the same experts of a bank built whole on the CPU.
+        """
+        self.optimizer_steps.zero_()
+        self._steps_mirror = None
+        held = slice(self.expert_offset, self.expert_offset + self.num_experts)
+        for matrix in self.decomposed:
+            common_MN, unique_EMN, left_MK, right_NK = self.parts(matrix)
+            generator = torch.Generator().manual_seed(
+                _derived_seed(self.config.seed, self.layer_index, MATRIX_TYPES.index(matrix))
             )
-            weight_MN = torch.empty(bank_EMN.shape[1:], device=bank_EMN.device, dtype=torch.float32)
-            weight_MN.normal_(std=init_stds[matrix], generator=generator)
-            init = spectral_init(weight_MN, config.rank, self.num_experts, generator)
-            setattr(self, f"{matrix}_proj_common", nn.Parameter(init.common_MN.to(bank_EMN.dtype)))
-            setattr(self, f"{matrix}_proj_unique", nn.Parameter(init.unique_EMN.to(bank_EMN.dtype)))
-            self.register_buffer(f"{matrix}_proj_left_basis", init.left_basis_MK)
-            self.register_buffer(f"{matrix}_proj_right_basis", init.right_basis_NK)
+            weight_MN = torch.empty(common_MN.shape, dtype=torch.float32, device="cpu")
+            weight_MN.normal_(std=self.init_stds[matrix], generator=generator)
+            init = spectral_init(weight_MN, self.config.rank, self.total_experts, generator)
+            common_MN.copy_(init.common_MN)
+            unique_EMN.copy_(init.unique_EMN[held])
+            left_MK.copy_(init.left_basis_MK)
+            right_NK.copy_(init.right_basis_NK)
 
     def expert_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """The (gate, up, down) proxies ``W_c + W_u[i]``; a plain bank for types that are not decomposed."""

@@ -223,7 +223,8 @@ def apply_spectral_routing(model: MoEModel, config: SSMoEConfig) -> None:
     """Swap every MoE router for a :class:`SpectralRouter` and compute U now ("on enabling", §4).
 
     Call after SD-MoE decoupling (the ``unique`` variant reads its parts). Nothing is done when
-    ``config.enabled`` is false.
+    ``config.enabled`` is false. On a meta-device model U is left to :func:`refresh_spectral_routers`,
+    once the weights exist.
 
     Raises:
         ConfigError: the model has no MoE layer, or ``variant: unique`` without SD-MoE banks.
@@ -243,7 +244,8 @@ def apply_spectral_routing(model: MoEModel, config: SSMoEConfig) -> None:
     for layer in layers:
         layer.router = SpectralRouter(layer.router, config)
         layer.register_load_state_dict_post_hook(_refresh_rows_missing_from_state)
-        layer.router.refresh(layer.experts)
+        if not layer.router.weight.is_meta:
+            layer.router.refresh(layer.experts)
 
 
 def _has_unique_parts(experts: ExpertBank) -> bool:
@@ -253,8 +255,8 @@ def _has_unique_parts(experts: ExpertBank) -> bool:
 def _refresh_rows_missing_from_state(layer: nn.Module, incompatible_keys: Any) -> None:
     # Runs after the layer's router and experts have loaded, so U is rebuilt from the loaded weights.
     router = layer.router
-    if not isinstance(router, SpectralRouter):
-        return
+    if not isinstance(router, SpectralRouter) or router.weight.is_meta:
+        return  # a meta-device model (shapes only) gets U when it is materialised
     if router.rows_missing_after_load:
         router.refresh(layer.experts)
         router.rows_missing_after_load = False

@@ -1,4 +1,4 @@
-"""Typed configuration of the parallel layout: expert-parallel size and activation checkpointing."""
+"""Typed configuration of the parallel layout and execution: expert-parallel size, activation checkpointing, compile."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ class ParallelConfig:
     """Expert-parallel group size: each MoE layer's routed experts are split evenly over this many ranks."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass instead of keeping its activations."""
+    compile: bool = False
+    """Compile each decoder block with torch.compile (docs/performance.md; not yet measured on a GPU)."""
 
     def __post_init__(self) -> None:
         if self.ep_size < 1:

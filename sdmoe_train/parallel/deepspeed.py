@@ -23,6 +23,8 @@ weights (see docs/distributed.md).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +73,33 @@ class MoEDeepSpeedStrategy(DeepSpeedStrategy):
     ) -> tuple[Any, torch.optim.Optimizer]:
         groups: ExpertParallelGroups | None = getattr(self.lightning_module, "expert_groups", None)
         if self.zero_stage_3:
-            ep_size = 1 if groups is None else groups.ep_size
-            if ep_size > 1:
-                reason = f"model.parallel.ep_size={ep_size} needs ZeRO stage 0, 1 or 2 (DeepSpeed's MoE rejects ZeRO-3)"
-            else:
-                # Tested with DeepSpeed 0.19.8: the first backward fails inside autograd with "The size of
-                # tensor a (0) must match the size of tensor b (128)" (a partitioned weight meets its gradient).
-                reason = "ZeRO stage 3 does not train this model (its backward fails on partitioned weights)"
-            raise ConfigError(f"{reason}; set the strategy's stage to 1 or 2 (docs/distributed.md)")
+            raise self._zero_stage_3_refusal()
         if groups is not None and groups.ep_size > 1:
             num_experts = self.lightning_module.arch.moe.num_experts
             marker = deepspeed_compat.expert_parallel_marker(num_experts, groups.ep_size, groups.name)
             model.add_module("deepspeed_expert_parallel", marker)
         device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
         return deepspeed_compat.initialize_engine(self.config, model, optimizer, lr_scheduler, device_rank)
+
+    @contextlib.contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        # ZeRO-3 would run `configure_model` inside `deepspeed.zero.Init`, whose partitioned parameters the
+        # model's materialisation cannot initialise: refuse it before anything is built.
+        if self.zero_stage_3:
+            raise self._zero_stage_3_refusal()
+        with super().model_sharded_context():
+            yield
+
+    def _zero_stage_3_refusal(self) -> ConfigError:
+        parallel = getattr(self.lightning_module, "parallel", None)
+        ep_size = 1 if parallel is None else parallel.ep_size
+        if ep_size > 1:
+            reason = f"model.parallel.ep_size={ep_size} needs ZeRO stage 0, 1 or 2 (DeepSpeed's MoE rejects ZeRO-3)"
+        else:
+            # Tested with DeepSpeed 0.19.8: the first backward fails inside autograd with "The size of
+            # tensor a (0) must match the size of tensor b (128)" (a partitioned weight meets its gradient).
+            reason = "ZeRO stage 3 does not train this model (its backward fails on partitioned weights)"
+        return ConfigError(f"{reason}; set the strategy's stage to 1 or 2 (docs/distributed.md)")
 
     def _layout(self) -> dict[str, Any]:
         groups: ExpertParallelGroups | None = getattr(self.lightning_module, "expert_groups", None)

@@ -60,6 +60,7 @@ def apply_expert_parallel(model: Transformer, groups: ExpertParallelGroups) -> N
             local.group_name = groups.name
             setattr(bank, name, local)
         bank.num_experts = per_rank
+        bank.expert_offset = start
         capacity_factor = layer.config.capacity_factor
         layer.dispatcher = AllToAllDispatcher(num_experts, groups.ep_size, groups.ep_group, capacity_factor)
 

@@ -5,14 +5,21 @@ Kept here so that the Lightning module needs no ``torch.distributed`` import of 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
+
+from torch import Tensor, nn
 
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.models.transformer import Transformer
 from sdmoe_train.parallel.config import ParallelConfig
-from sdmoe_train.parallel.expert_parallel import apply_expert_parallel, split_expert_param_groups
+from sdmoe_train.parallel.expert_parallel import (
+    apply_expert_parallel,
+    expert_sharded_names,
+    shard_expert_state,
+    split_expert_param_groups,
+)
 from sdmoe_train.parallel.groups import ExpertParallelGroups, build_expert_parallel_groups
 
 
@@ -45,3 +52,12 @@ def enable_expert_parallel(model: Transformer, config: ParallelConfig, trainer: 
 def expert_param_groups(groups: ExpertParallelGroups) -> Callable[[list[dict]], list[dict]]:
     """The optimizer-group split that marks this layout's expert parameters for DeepSpeed."""
     return partial(split_expert_param_groups, group_name=groups.name)
+
+
+def local_expert_state(
+    state: Mapping[str, Tensor], model: nn.Module, groups: ExpertParallelGroups | None
+) -> dict[str, Tensor]:
+    """A global-layout ``state_dict`` cut to the expert slices that ``model`` holds on this rank."""
+    if groups is None or groups.ep_size == 1:
+        return dict(state)
+    return shard_expert_state(state, expert_sharded_names(model), groups.ep_rank, groups.ep_size)

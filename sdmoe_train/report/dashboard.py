@@ -68,6 +68,12 @@ PER_LAYER_METRICS = (
     "routing/load_entropy",
 )
 """Metrics also drawn layer by layer (one line per layer)."""
+PER_SOURCE_METRICS = (
+    ("training tokens per source", "data/tokens"),
+    ("epochs per source (passes over its data)", "data/epoch"),
+    ("validation loss per source", "val/loss"),
+)
+"""Data-mixture charts: title and metric prefix; one line per source (``<prefix>/<source>``)."""
 
 
 @dataclass
@@ -128,6 +134,16 @@ def _per_layer_chart(run: RunLog, metric: str) -> str | None:
     return line_chart_svg(series, f"{run.label}: {metric}", y_label="per layer")
 
 
+def _per_source_chart(run: RunLog, title: str, prefix: str) -> str | None:
+    sources = sorted(name for name in run.scalars if name.startswith(f"{prefix}/") and name.count("/") == 2)
+    if not sources:
+        return None
+    series = {name.rsplit("/", 1)[1]: run.scalars[name] for name in sources}
+    if prefix in run.scalars:
+        series["all (mixture-weighted)"] = run.scalars[prefix]
+    return line_chart_svg(series, f"{run.label}: {title}", y_label=prefix)
+
+
 def _figure_svg(record: dict, label: str) -> str:
     title = f"{label}: {record['name']} (step {record['step']})"
     values = record["values"]
@@ -151,6 +167,11 @@ def build_dashboard(runs: list[RunLog], title: str) -> str:
         rendered = [svg for chart_title, metrics in charts if (svg := _chart(runs, chart_title, metrics))]
         if rendered:
             body.append(f"<h2>{escape(section)}</h2><div class='row'>{''.join(rendered)}</div>")
+    per_source = [
+        svg for run in runs for title, prefix in PER_SOURCE_METRICS if (svg := _per_source_chart(run, title, prefix))
+    ]
+    if per_source:
+        body.append(f"<h2>Data mixture</h2><div class='row'>{''.join(per_source)}</div>")
     per_layer = [svg for run in runs for metric in PER_LAYER_METRICS if (svg := _per_layer_chart(run, metric))]
     if per_layer:
         body.append(f"<h2>Per layer</h2><div class='row'>{''.join(per_layer)}</div>")

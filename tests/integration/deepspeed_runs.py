@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> None:
         parallel=ParallelConfig(ep_size=args.ep_size),
     )
     if args.plant:
+        module.configure_model()  # every expert, on the CPU; `fit` shards the planted weights afterwards
         plant_expert_values(module)
     rank = int(os.environ.get("LOCAL_RANK", 0))
     # Each rank takes its own rows of every global batch, so all layouts see the same global batches.

@@ -102,7 +102,7 @@ def measure_monitors(
     model: Transformer, tokens_BS: torch.Tensor, groups: ExpertParallelGroups | None, strategy: Any
 ) -> Measurement:
     """Every monitor's statistics of ``model`` (sharded when ``groups`` is given); ``tokens_BS`` are this rank's."""
-    module = SimpleNamespace(model=model, last_routing=None, expert_groups=groups, step_skipped=False)
+    module = SimpleNamespace(model=model, last_routing=None, expert_groups=groups, step_skipped=False, tokens_seen=0)
     trainer = SimpleNamespace(global_step=0, strategy=strategy)
 
     def ready(monitor: IntervalMonitor) -> Any:

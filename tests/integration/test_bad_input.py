@@ -6,12 +6,15 @@ prepared run) and the phrases the error must contain. Add a case by appending to
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -77,6 +80,40 @@ def _empty_documents(prepared: Prepared, tmp_path: Path) -> list[str]:
     return [f"--data.corpus.data_files=[{tmp_path}/empty_*.txt]", f"--data.corpus.cache_dir={tmp_path / 'cache'}"]
 
 
+def _documents_with(tmp_path: Path, name: str, content: bytes, suffix: str) -> list[str]:
+    """Four good documents and one bad file ``name`` in a fresh corpus directory, with a fresh cache."""
+    from tests.corpora import make_documents
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    if suffix == ".txt":
+        for index, text in enumerate(make_documents(count=4)):
+            (corpus / f"doc_{index}.txt").write_text(text)
+    (corpus / name).write_bytes(content)
+    return [f"--data.corpus.data_files=[{corpus}/*{suffix}]", f"--data.corpus.cache_dir={tmp_path / 'cache'}"]
+
+
+def _jsonl_lines(*rows: str) -> bytes:
+    from tests.corpora import make_documents
+
+    good = [json.dumps({"text": text}) for text in make_documents(count=4)]
+    return ("\n".join([*good[:2], *rows, *good[2:]]) + "\n").encode()
+
+
+def _parquet_with_numbers(prepared: Prepared, tmp_path: Path) -> list[str]:
+    (tmp_path / "corpus").mkdir()
+    pq.write_table(pa.table({"text": list(range(8))}), tmp_path / "corpus" / "numbers.parquet")
+    return [f"--data.corpus.data_files=[{tmp_path}/corpus/*.parquet]", f"--data.corpus.cache_dir={tmp_path / 'cache'}"]
+
+
+def _one_document(prepared: Prepared, tmp_path: Path) -> list[str]:
+    from tests.corpora import make_documents
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "only.txt").write_text("\n".join(make_documents(count=6)))
+    return [f"--data.corpus.data_files=[{tmp_path}/corpus/*.txt]", f"--data.corpus.cache_dir={tmp_path / 'cache'}"]
+
+
 def _broken_manifest(prepared: Prepared, tmp_path: Path) -> list[str]:
     recipe = prepared.copy_to(tmp_path)
     (tmp_path / "run" / "checkpoints" / "manifest.json").write_text("{not json")
@@ -89,6 +126,42 @@ def _all_checkpoints_damaged(prepared: Prepared, tmp_path: Path) -> list[str]:
         checkpoint.write_bytes(checkpoint.read_bytes()[:64])
     return ["--config", str(recipe)]
 
+
+def _corpus_pattern(prepared: Prepared) -> str:
+    return yaml.safe_load(prepared.recipe.read_text())["data"]["corpus"]["data_files"][0]
+
+
+def _mixture_args(prepared: Prepared, *entries: str) -> list[str]:
+    return ["--data.corpus.data_files=[]", f"--data.corpora=[{', '.join(entries)}]"]
+
+
+def _source(name: str, pattern: str, weight: float | str = 1.0) -> str:
+    return f'{{"name": "{name}", "data_files": ["{pattern}"], "weight": {weight}}}'
+
+
+def _foreign_prepared_dir(prepared: Prepared, tmp_path: Path) -> list[str]:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("not prepared data")
+    return [f"--data.prepared_dir={tmp_path / 'busy'}"]
+
+
+def _prepared_with_other_tokenizer(prepared: Prepared, tmp_path: Path) -> list[str]:
+    from tests.corpora import make_documents, make_tokenizer
+
+    path, _ = make_tokenizer(tmp_path / "other", make_documents(count=6, seed=3))
+    main(
+        [
+            "prepare",
+            "--config",
+            str(prepared.recipe),
+            f"--data.corpus.tokenizer={path}",
+            f"--data.prepared_dir={tmp_path / 'p'}",
+        ]
+    )
+    return [f"--data.prepared_dir={tmp_path / 'p'}"]
+
+
+NO_TEXT_ROWS = b'{"body": "a"}\n{"text": null}\n{}\n'
 
 BAD_INPUTS = [
     BadInput("top_k_above_experts", ["--model.arch.moe.top_k=9"], ["moe.top_k=9", "[1, moe.num_experts=4]"]),
@@ -103,6 +176,46 @@ BAD_INPUTS = [
     BadInput("unknown_extension", ["--data.corpus.data_files=[corpus/*.csv]"], ["'corpus/*.csv'", "must end in"]),
     BadInput("missing_data", ["--data.corpus.data_files=[/nonexistent/*.txt]"], ["matches no file", "fix the path"]),
     BadInput("empty_data", expected=["needs at least 33", "add documents"], setup=_empty_documents),
+    BadInput(
+        "invalid_utf8_text_file",
+        expected=["latin1.txt is not valid UTF-8 text (byte 13, line 2", "iconv"],
+        setup=lambda prepared, tmp: _documents_with(tmp, "latin1.txt", b"Romeo\nJuliet \xe9t\xe9\n", ".txt"),
+    ),
+    BadInput(
+        "malformed_jsonl_line",
+        expected=["rows.jsonl line 3 is not valid JSON"],
+        setup=lambda prepared, tmp: _documents_with(tmp, "rows.jsonl", _jsonl_lines('{"text": "cut off'), ".jsonl"),
+    ),
+    BadInput(
+        "jsonl_line_not_an_object",
+        expected=["rows.jsonl line 3 is a JSON list, not an object"],
+        setup=lambda prepared, tmp: _documents_with(tmp, "rows.jsonl", _jsonl_lines('["a", "b"]'), ".jsonl"),
+    ),
+    BadInput(
+        "jsonl_text_of_mixed_types",
+        expected=["text_field='text' holds mixed-type (JSON) values, not text", "rows.jsonl line 3: int"],
+        setup=lambda prepared, tmp: _documents_with(tmp, "rows.jsonl", _jsonl_lines('{"text": 42}'), ".jsonl"),
+    ),
+    BadInput(
+        "jsonl_without_text_field",
+        expected=["text_field='text': none of the 3 rows has this field"],
+        setup=lambda prepared, tmp: _documents_with(tmp, "rows.jsonl", NO_TEXT_ROWS, ".jsonl"),
+    ),
+    BadInput(
+        "parquet_text_column_of_numbers",
+        expected=["text_field='text' holds int64 values, not text", "numbers.parquet", "token_field"],
+        setup=_parquet_with_numbers,
+    ),
+    BadInput(
+        "empty_validation_split",
+        expected=["validation split is empty", "1 document(s)", "data.corpus.val_fraction=0"],
+        setup=_one_document,
+    ),
+    BadInput(
+        "seq_len_above_max_seq_len",
+        ["--data.corpus.seq_len=33"],
+        ["data.corpus.seq_len=33", "model.arch.max_seq_len=32"],
+    ),
     BadInput("missing_tokenizer", ["--data.corpus.tokenizer=/nonexistent/tok.json"], ["no tokenizer file", "prepare"]),
     BadInput(
         "unreadable_tokenizer",
@@ -177,6 +290,68 @@ BAD_INPUTS = [
         ],
         ["SIGFOO", "SIGUSR1"],
     ),
+    BadInput(
+        "mixture_weight_not_positive",
+        expected=["data.corpora[a].weight=0.0", "positive finite"],
+        setup=lambda prepared, tmp: _mixture_args(prepared, _source("a", _corpus_pattern(prepared), 0.0)),
+    ),
+    BadInput(
+        "mixture_weight_not_finite",
+        expected=["data.corpora[a].weight=nan", "positive finite"],
+        setup=lambda prepared, tmp: _mixture_args(prepared, _source("a", _corpus_pattern(prepared), ".nan")),
+    ),
+    BadInput(
+        "mixture_duplicate_names",
+        expected=["data.corpora names ['a'] more than once"],
+        setup=lambda prepared, tmp: _mixture_args(
+            prepared, _source("a", _corpus_pattern(prepared)), _source("a", _corpus_pattern(prepared))
+        ),
+    ),
+    BadInput(
+        "mixture_source_without_files",
+        ["--data.corpus.data_files=[]", '--data.corpora=[{"name": "a", "weight": 1.0}]'],
+        ["data.corpora[a] has no documents", "data_files"],
+    ),
+    BadInput(
+        "mixture_source_with_bad_name",
+        expected=["name='a b'", "letters, digits"],
+        setup=lambda prepared, tmp: _mixture_args(prepared, _source("a b", _corpus_pattern(prepared))),
+    ),
+    BadInput(
+        "mixture_source_missing_files",
+        expected=["data.corpora[a].data_files entry", "matches no file"],
+        setup=lambda prepared, tmp: _mixture_args(prepared, _source("a", "/nonexistent/*.txt")),
+    ),
+    BadInput(
+        "mixture_and_corpus_files",
+        expected=["data.corpora both name documents"],
+        setup=lambda prepared, tmp: [f"--data.corpora=[{_source('a', _corpus_pattern(prepared))}]"],
+    ),
+    BadInput("mixture_without_sources", ["--data.corpus.data_files=[]", "--data.corpora=[]"], ["lists no source"]),
+    BadInput(
+        "mixture_with_streaming",
+        ["--data.corpus.streaming=true"],
+        ["streaming=true works with a single data.corpus only"],
+        setup=lambda prepared, tmp: _mixture_args(prepared, _source("a", _corpus_pattern(prepared))),
+    ),
+    BadInput("allow_mixture_change_without_mixture", ["--data.allow_mixture_change=true"], ["needs a mixture"]),
+    BadInput(
+        "resume_single_corpus_run_as_mixture",
+        expected=["belongs to a single data.corpus but this recipe trains on a mixture"],
+        setup=lambda prepared, tmp: _mixture_args(prepared, _source("a", _corpus_pattern(prepared))),
+    ),
+    BadInput("token_field_on_text_files", ["--data.corpus.token_field=input_ids"], ["needs files with columns"]),
+    BadInput("prepared_dir_empty", ["--data.prepared_dir= "], ["data.prepared_dir=' ' must name a directory"]),
+    BadInput(
+        "prepared_dir_of_other_files",
+        expected=["non-empty directory without prepared.json", "notes.txt"],
+        setup=_foreign_prepared_dir,
+    ),
+    BadInput(
+        "prepared_dir_with_other_tokenizer",
+        expected=["prepared with another tokenizer", "use its copy"],
+        setup=_prepared_with_other_tokenizer,
+    ),
 ]
 
 
@@ -214,3 +389,11 @@ def test_bad_input_fails_fast_naming_problem_and_fix(
         assert phrase in error, f"{phrase!r} missing from:\n{error[-2000:]}"
     losses = prepared.root / "run" / "losses_rank0.txt"
     assert max(int(line.split()[0]) for line in losses.read_text().splitlines()) == 2, "a training step ran"
+
+
+def test_seq_len_above_the_model_context_is_refused_before_tokenizing(prepared: Prepared, tmp_path: Path) -> None:
+    cache = tmp_path / "fresh_cache"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(prepared.recipe), "--data.corpus.seq_len=64", f"--data.corpus.cache_dir={cache}"])
+    assert exit_info.value.code == 2
+    assert not cache.exists(), "the token cache was built before the bad seq_len was reported"

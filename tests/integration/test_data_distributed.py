@@ -16,7 +16,7 @@ from sdmoe_train.data.config import DataConfig
 from sdmoe_train.data.datamodule import PretrainDataModule
 from sdmoe_train.data.packing import PackedBlocks
 from sdmoe_train.data.sampler import ResumableDistributedSampler
-from tests.corpora import make_config, make_documents, make_tokenizer, write_documents
+from tests.corpora import make_config, make_documents, make_mixture, make_tokenizer, write_documents
 from tests.integration.trainers import quiet_cpu_trainer
 
 pytestmark = pytest.mark.slow
@@ -49,8 +49,10 @@ class RankRecorder(L.LightningModule):
 
 def _run(config: DataConfig, out: Path, tag: str, max_steps: int, **kwargs: object) -> list[list[torch.Tensor]]:
     checkpoint = kwargs.pop("save_to", None)
+    corpora = kwargs.pop("corpora", None)
     trainer = quiet_cpu_trainer(devices=2, strategy="ddp_spawn", max_steps=max_steps, limit_val_batches=0)
-    trainer.fit(RankRecorder(out, tag, checkpoint), datamodule=PretrainDataModule(config, batch_size=BATCH), **kwargs)
+    data = PretrainDataModule(config, batch_size=BATCH, corpora=corpora)
+    trainer.fit(RankRecorder(out, tag, checkpoint), datamodule=data, **kwargs)
     return [torch.load(out / f"{tag}_rank{rank}.pt") for rank in range(2)]
 
 
@@ -88,3 +90,24 @@ def test_streaming_ranks_resume_their_own_positions(tmp_path: Path, corpus) -> N
         resumed = first[rank] + second[rank]
         assert len(resumed) == 10
         assert all(torch.equal(batch, expected) for batch, expected in zip(resumed, uninterrupted[rank], strict=True))
+
+
+def test_mixture_ranks_take_disjoint_examples_in_blend_order_and_resume_them(tmp_path: Path) -> None:
+    shared, sources = make_mixture(tmp_path)
+    uninterrupted = _run(shared, tmp_path, "full", max_steps=8, corpora=sources)
+    checkpoint = tmp_path / "mixture.ckpt"
+    first = _run(shared, tmp_path, "first", max_steps=3, corpora=sources, save_to=checkpoint)
+    second = _run(shared, tmp_path, "second", max_steps=8, corpora=sources, ckpt_path=checkpoint)
+
+    data = PretrainDataModule(shared, batch_size=BATCH, corpora=sources)
+    data.prepare_data()
+    data.setup("fit")
+    blocks = data.train_dataloader().dataset
+    plan_sources, examples, _ = data._schedule.plan(8 * BATCH * 2)
+    global_blocks = [blocks[int(index)] for index in blocks.offsets[plan_sources] + examples]
+    for rank in range(2):
+        expected = torch.stack(global_blocks[rank::2])
+        assert torch.equal(torch.cat(uninterrupted[rank]), expected)
+        assert torch.equal(torch.cat(first[rank] + second[rank]), expected)
+    rows = [{tuple(row.tolist()) for row in torch.cat(batches)} for batches in uninterrupted]
+    assert rows[0].isdisjoint(rows[1])

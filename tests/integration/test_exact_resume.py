@@ -17,17 +17,17 @@ from tests.integration.training_runs import final_losses, run_fit, start_fit, wa
 MAX_STEPS = 11
 
 
-def _reference(tmp_path: Path, devices: int) -> dict[int, str]:
-    recipe = write_tiny_recipe(tmp_path / "reference", max_steps=MAX_STEPS, devices=devices)
+def _reference(tmp_path: Path, devices: int, mixture: bool = False) -> dict[int, str]:
+    recipe = write_tiny_recipe(tmp_path / "reference", max_steps=MAX_STEPS, devices=devices, mixture=mixture)
     assert run_fit(recipe, tmp_path / "reference.log") == 0, (tmp_path / "reference.log").read_text()[-3000:]
     losses = final_losses(tmp_path / "reference" / "run" / "losses_rank0.txt")
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))
     return losses
 
 
-def _interrupted(tmp_path: Path, devices: int, at_step: int, how: signal.Signals) -> Path:
+def _interrupted(tmp_path: Path, devices: int, at_step: int, how: signal.Signals, mixture: bool = False) -> Path:
     """Runs until ``at_step``, delivers ``how`` to the whole process group, then resumes to the end."""
-    recipe = write_tiny_recipe(tmp_path / "interrupted", max_steps=MAX_STEPS, devices=devices)
+    recipe = write_tiny_recipe(tmp_path / "interrupted", max_steps=MAX_STEPS, devices=devices, mixture=mixture)
     run_dir = tmp_path / "interrupted" / "run"
     log = tmp_path / "interrupted.log"
     process = start_fit(recipe, log)
@@ -69,3 +69,20 @@ def test_requeue_signal_saves_at_the_next_step_and_exits_cleanly(tmp_path: Path,
     log = (tmp_path / "interrupted.log").read_text()
     assert "not inside a Slurm job: nothing to requeue" in log
     assert final_losses(run_dir / "losses_rank0.txt") == reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2], ids=["1proc", "2proc_ddp"])
+def test_sigkill_mid_mixture_then_auto_resume_reproduces_every_step_loss_bitwise(tmp_path: Path, devices: int) -> None:
+    """Two weighted sources (the small one repeats), document masking and restarted positions."""
+    reference = _reference(tmp_path, devices, mixture=True)
+    run_dir = _interrupted(tmp_path, devices, at_step=7, how=signal.SIGKILL, mixture=True)
+    for rank in range(devices):
+        reference_rank = final_losses(tmp_path / "reference/run" / f"losses_rank{rank}.txt")
+        assert final_losses(run_dir / f"losses_rank{rank}.txt") == reference_rank
+    assert reference == final_losses(tmp_path / "reference/run/losses_rank0.txt")
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    sources = final["PretrainDataModule"]["mixture"]["sources"]
+    assert [source["name"] for source in sources] == ["plays", "psalms"]
+    assert sum(source["consumed"] for source in sources) == MAX_STEPS * 2 * devices
+    assert sources[1]["epoch"] >= 1, "the small source never repeated; the test would not cover its epochs"

@@ -30,6 +30,7 @@ def _config(name: str) -> TransformerConfig:
 def _save(module: PretrainModule, path: Path, plain_hparams: bool = False) -> Path:
     # The keys Lightning's Trainer.save_checkpoint writes that export reads. Under LightningCLI the
     # hyper-parameters are the parsed config, i.e. plain dicts instead of the typed configs (plain_hparams).
+    module.configure_model()  # a module that never ran under a Trainer still has its weights on the meta device
     hparams = {
         key: dataclasses.asdict(value) if plain_hparams and dataclasses.is_dataclass(value) else value
         for key, value in module.hparams.items()
@@ -53,6 +54,7 @@ def test_export_then_import_restores_the_trained_model(
     preset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     module = PretrainModule(_config(preset))
+    module.configure_model()
     tokenizer = tmp_path / "tokenizer.json"
     Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="a")).save(str(tokenizer))
     ckpt = _save(module, tmp_path / "last.ckpt")
@@ -79,6 +81,7 @@ def test_sdmoe_checkpoint_is_merged_into_plain_experts_before_export(plain_hpara
     from sdmoe_train.interop.hf.driver import import_model
 
     module = PretrainModule(_config("tiny_qwen_moe"), sdmoe=SDMoEConfig(enabled=True, rank=2))
+    module.configure_model()
     with torch.no_grad():
         for name, param in module.named_parameters():
             if name.endswith("_proj_unique"):
@@ -112,6 +115,7 @@ def test_import_of_a_directory_without_config_json_exits_2(tmp_path: Path, capsy
 
 def test_imported_weights_start_a_new_run_through_init_from(tmp_path: Path) -> None:
     module = PretrainModule(_config("tiny_qwen_moe"))
+    module.configure_model()
     main(["export", str(_save(module, tmp_path / "last.ckpt")), str(tmp_path / "hf"), "--format", "hf"])
     main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
     parser = ArgumentParser()
@@ -119,6 +123,7 @@ def test_imported_weights_start_a_new_run_through_init_from(tmp_path: Path) -> N
     arch = parser.instantiate(parser.parse_args([f"--arch={tmp_path / 'imported' / 'model.yaml'}"])).arch
 
     started = PretrainModule(arch, init_from=str(tmp_path / "imported" / "model.ckpt"))
+    started.configure_model()
     tokens = torch.randint(0, 64, (2, 16))
     torch.testing.assert_close(_logits(started, tokens), _logits(module, tokens))
 

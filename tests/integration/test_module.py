@@ -57,6 +57,7 @@ class _CountingModule(PretrainModule):
 
 def test_bias_update_runs_once_per_optimizer_step_on_loads_summed_over_micro_batches(tmp_path: Path) -> None:
     module = _CountingModule(_arch(), OptimConfig(warmup_steps=1, schedule="constant"))
+    module.configure_model()
     initial = module._biases()
     trainer = cpu_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2)
     trainer.fit(module, train_dataloaders=_loader(6))

@@ -35,7 +35,9 @@ def _fixed_batch_loader(batch_size: int = 2) -> DataLoader:
 
 def _module(torch_seed: int = 0, **sdmoe: object) -> PretrainModule:
     torch.manual_seed(torch_seed)
-    return PretrainModule(tiny_arch(), OPTIM, SDMoEConfig(**sdmoe) if sdmoe else None)
+    module = PretrainModule(tiny_arch(), OPTIM, SDMoEConfig(**sdmoe) if sdmoe else None)
+    module.configure_model()
+    return module
 
 
 def test_disabled_sdmoe_is_exactly_the_vanilla_module() -> None:

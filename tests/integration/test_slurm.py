@@ -1,8 +1,10 @@
-"""A real single-node Slurm: submit a short training job, deliver the pre-timeout signal, and check that
-the job saves, requeues itself, is released from Slurm's BeginTime hold, resumes and finishes.
+"""A real Slurm: submit short training jobs, deliver the pre-timeout signal, and check that each job saves,
+requeues itself, is released from Slurm's BeginTime hold, resumes and finishes. The single-node job runs
+``slurm/single_node.sbatch``; the two-node job ``slurm/multi_node.sbatch`` with expert parallelism over the
+nodes under DeepSpeed ZeRO-2, and must end with the per-step losses of an uninterrupted job, bit for bit.
 
-Needs slurmctld + slurmd on this machine; one command sets them up and runs this test:
-``make test-slurm`` (``slurm/install_local_slurm.sh install && ... start``, then pytest).
+Needs slurmctld + slurmd on this machine; one command sets up two emulated nodes and runs these tests:
+``make test-slurm`` (``slurm/install_local_slurm.sh install 2 && ... start``, then pytest).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from tests.integration.loss_recorder import read_losses
-from tests.integration.training_runs import REPO, subprocess_env, write_tiny_recipe
+from tests.integration.training_runs import REPO, final_losses, subprocess_env, write_tiny_recipe
 
 MAX_STEPS = 300
 
@@ -27,6 +29,12 @@ def _slurm_up() -> bool:
     if shutil.which("sbatch") is None:
         return False
     return subprocess.run(["scontrol", "ping"], capture_output=True, text=True).stdout.count("UP") > 0
+
+
+def _slurm_nodes() -> int:
+    if not _slurm_up():
+        return 0
+    return len(set(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()))
 
 
 def _job_field(job_id: str, field: str) -> str | None:
@@ -94,3 +102,48 @@ def test_signalled_job_saves_requeues_resumes_and_finishes(tmp_path: Path, signa
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == MAX_STEPS
     print(f"requeued job restarted {restarted_after:.1f} s after the signal")
+
+
+def _submit_two_node_job(recipe: Path, log: Path) -> str:
+    # Emulated nodes share this machine, and their names do not resolve: the rendezvous address is given.
+    env = {**subprocess_env(), "PYTHON": sys.executable, "MASTER_ADDR": "127.0.0.1"}
+    submitted = subprocess.run(
+        [
+            "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
+            "--time=15", f"--output={log}", str(REPO / "slurm" / "multi_node.sbatch"), str(recipe),
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return submitted.stdout.strip().split(";")[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_slurm_nodes() < 2, reason="needs a Slurm with 2 nodes; `make test-slurm` emulates them here")
+def test_two_node_job_requeues_and_resumes_to_the_losses_of_an_uninterrupted_job(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    from tests.integration.test_multi_node import _recipe
+
+    max_steps = 40
+    jobs = {}
+    for name in ("reference", "preempted"):
+        recipe = _recipe(tmp_path / name)
+        recipe.write_text(recipe.read_text().replace("max_steps: 10", f"max_steps: {max_steps}"))
+        jobs[name] = _submit_two_node_job(recipe, tmp_path / f"{name}.out")
+        if name == "reference":
+            _wait(lambda: _job_field(jobs["reference"], "JobState") == "COMPLETED", 600, "the reference job")
+    job_id, run_dir = jobs["preempted"], tmp_path / "preempted" / "run"
+    try:
+        _wait(lambda: any(step >= 8 for step, _ in read_losses(run_dir / "losses_rank1.txt")), 300, "step 8")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+        _wait(lambda: (_job_field(job_id, "Restarts") or "0") != "0", 120, "the requeue")
+        _wait(lambda: _job_field(job_id, "JobState") == "COMPLETED", 600, "the requeued job to finish")
+    finally:
+        subprocess.run(["scancel", *jobs.values()], capture_output=True)
+    output = (tmp_path / "preempted.out").read_text()
+    assert "2 node(s) x 1 task(s)" in output and "restart 1:" in output and "resuming from" in output
+    saved = re.findall(r"preemption signal: saving step (\d+), then requeue", output)
+    assert len(saved) == 2 and len(set(saved)) == 1, saved  # both nodes stopped at the same step
+    for rank in (0, 1):
+        expected = final_losses(tmp_path / "reference" / "run" / f"losses_rank{rank}.txt")
+        assert sorted(expected) == list(range(1, max_steps + 1))
+        assert final_losses(run_dir / f"losses_rank{rank}.txt") == expected, rank

@@ -26,6 +26,7 @@ def test_ssmoe_checkpoint_export_is_refused_unless_dropped_and_then_routes_as_c_
     config.n_layers, config.vocab_size, config.max_seq_len = 2, 64, 32
     config.hidden_dim, config.dense_hidden_dim, config.moe.expert_hidden_dim = 64, 64, 32
     module = PretrainModule(config, sdmoe=SDMoEConfig(enabled=True, rank=2), ssmoe=SSMoEConfig(enabled=True, c=0.5))
+    module.configure_model()
     checkpoint = {
         "state_dict": module.state_dict(),
         "hyper_parameters": dict(module.hparams),

@@ -61,6 +61,7 @@ class _RowRecorder(PretrainModule):
 @pytest.mark.parametrize("family", ["qwen", "deepseek"])
 def test_u_is_refreshed_every_refresh_every_optimizer_steps(tmp_path: Path, family: str) -> None:
     module = _RowRecorder(_arch(family), OPTIM, ssmoe=SSMoEConfig(enabled=True, c=0.5, refresh_every=2))
+    module.configure_model()
     initial = _rows(module)
     trainer = cpu_trainer(tmp_path, max_steps=4, accumulate_grad_batches=2)
     trainer.fit(module, train_dataloaders=_loader(2))
@@ -109,6 +110,7 @@ def test_plain_checkpoint_and_init_from_get_u_from_the_loaded_weights(tmp_path: 
         started = PretrainModule(
             _arch(), OPTIM, SDMoEConfig(enabled=True, rank=4), str(tmp_path / "plain.ckpt"), ssmoe=ssmoe
         )
+        started.configure_model()
         for candidate in (loaded, started):
             for rows, fresh in zip(_rows(candidate), _fresh_rows(candidate), strict=True):
                 assert torch.equal(rows, fresh) and rows.abs().sum() > 0

@@ -18,9 +18,14 @@ from tests.integration.loss_recorder import read_losses
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_tiny_recipe(tmp_path: Path, *, max_steps: int, devices: int = 1, every_n_steps: int = 2) -> Path:
+def write_tiny_recipe(
+    tmp_path: Path, *, max_steps: int, devices: int = 1, every_n_steps: int = 2, mixture: bool = False
+) -> Path:
     """A prepared recipe (tokenizer + token cache built) for a 2-layer SD-MoE DeepSeek-style model with
-    routing-bias balancing, checkpointing every ``every_n_steps`` into ``tmp_path/run/checkpoints``."""
+    routing-bias balancing, checkpointing every ``every_n_steps`` into ``tmp_path/run/checkpoints``.
+
+    ``mixture=True`` trains on two weighted sources (``plays`` and ``psalms``, equal weights; the small second
+    one repeats within a few steps) with document-aware attention and restarted positions."""
     corpus = write_documents(tmp_path / "corpus", make_documents(count=24, min_words=60, max_words=120))
     run_dir = tmp_path / "run"
     recipe: dict[str, Any] = {
@@ -88,6 +93,15 @@ def write_tiny_recipe(tmp_path: Path, *, max_steps: int, devices: int = 1, every
     }
     if devices > 1:
         recipe["trainer"]["strategy"] = "ddp"
+    if mixture:
+        psalms = write_documents(tmp_path / "psalms", make_documents(count=4, seed=5, min_words=30, max_words=40))
+        del recipe["data"]["corpus"]["data_files"]
+        recipe["data"]["corpora"] = [
+            {"name": "plays", "data_files": [corpus], "weight": 0.5},
+            {"name": "psalms", "data_files": [psalms], "weight": 0.5},
+        ]
+        recipe["data"]["cross_document_attention"] = False
+        recipe["data"]["restart_positions"] = True
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     main(["prepare", "--config", str(path)])

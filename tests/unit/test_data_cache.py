@@ -185,3 +185,23 @@ def test_missing_text_column_lists_the_columns(tmp_path: Path, corpus) -> None:
     config = make_config(tmp_path, pattern, tokenizer_path, text_field="content")
     with pytest.raises(ConfigError, match=r"data\.corpus\.text_field='content' is not a column.*'body'"):
         build_token_cache(config, tokenizer)
+
+
+@pytest.mark.parametrize("damage", ["unreadable_manifest", "missing_split_file"])
+def test_damaged_cache_is_reported_with_the_fix(tmp_path: Path, corpus, damage: str) -> None:
+    _, pattern, tokenizer_path, tokenizer = corpus
+    built = build_token_cache(make_config(tmp_path, pattern, tokenizer_path), tokenizer)
+    if damage == "unreadable_manifest":
+        (built.path / "manifest.json").write_text("{not json")
+    else:
+        (built.path / "validation.bin").unlink()
+    with pytest.raises(ConfigError, match=r"token cache .* is damaged .*delete the directory to rebuild it"):
+        cache.TokenCache.open(built.path)
+
+
+def test_a_cache_dir_that_cannot_be_created_is_named_before_tokenizing(tmp_path: Path, corpus) -> None:
+    _, pattern, tokenizer_path, tokenizer = corpus
+    (tmp_path / "occupied").write_text("a file where the cache directory should be")
+    config = make_config(tmp_path, pattern, tokenizer_path, cache_dir=str(tmp_path / "occupied" / "cache"))
+    with pytest.raises(ConfigError, match=r"data\.corpus\.cache_dir='.*occupied/cache' cannot be written"):
+        build_token_cache(config, tokenizer)

@@ -6,15 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from sdmoe_train.data.config import DataConfig
+from sdmoe_train.data.config import CorpusSource, DataConfig
 from sdmoe_train.errors import ConfigError
 
 
-def test_neither_source_is_rejected() -> None:
+def test_neither_source_is_rejected_unless_a_mixture_names_the_documents() -> None:
+    shared_settings_only = DataConfig()  # valid: the shared section of a mixture
     with pytest.raises(
         ConfigError, match=r"data\.corpus\.data_files=\[\] and data\.corpus\.dataset_name=None.*exactly one"
     ):
-        DataConfig()
+        shared_settings_only.require_source()
 
 
 def test_both_sources_are_rejected() -> None:
@@ -74,3 +75,34 @@ def test_invalid_values_name_field_and_value(field: str, value: float) -> None:
 def test_empty_strings_are_rejected() -> None:
     with pytest.raises(ConfigError, match=r"data\.corpus\.text_field='' must not be empty"):
         DataConfig(data_files=["corpus/*.jsonl"], text_field="")
+
+
+# --- mixture sources -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"name": "web", "weight": 0.0}, r"data\.corpora\[web\]\.weight=0\.0 must be a positive finite number"),
+        ({"name": "web", "weight": -1.0}, r"data\.corpora\[web\]\.weight=-1\.0 must be a positive finite number"),
+        ({"name": "web", "weight": float("nan")}, r"weight=nan must be a positive finite number"),
+        ({"name": "web", "weight": float("inf")}, r"weight=inf must be a positive finite number"),
+        ({"name": "web/x"}, r"name='web/x' must start with a letter or digit"),
+        ({"name": ""}, r"name='' must start with a letter or digit"),
+        ({"name": "web", "data_files": []}, r"data\.corpora\[web\] has no documents: give data_files"),
+        ({"name": "web", "dataset_name": "wikitext"}, r"data\.corpora\[web\]\.data_files=.* give exactly one"),
+        ({"name": "web", "data_files": ["a/*.csv"]}, r"data\.corpora\[web\]\.data_files entry 'a/\*\.csv'"),
+        ({"name": "web", "data_files": ["a/*.txt", "b/*.jsonl"]}, r"data\.corpora\[web\]\.data_files mixes"),
+        ({"name": "web", "text_field": ""}, r"data\.corpora\[web\]\.text_field='' must not be empty"),
+    ],
+)
+def test_invalid_mixture_sources_name_the_source_and_setting(settings: dict, message: str) -> None:
+    settings = {"data_files": ["corpus/*.txt"], **settings}
+    with pytest.raises(ConfigError, match=message):
+        CorpusSource(**settings)
+
+
+def test_mixture_source_files_are_resolved_with_the_source_named(tmp_path: Path) -> None:
+    source = CorpusSource(name="books", data_files=[str(tmp_path / "missing" / "*.txt")])
+    with pytest.raises(ConfigError, match=r"data\.corpora\[books\]\.data_files entry .* matches no file"):
+        source.resolve_files()

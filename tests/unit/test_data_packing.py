@@ -13,7 +13,8 @@ from sdmoe_train.data.packing import PackedBlocks
 from sdmoe_train.errors import ConfigError
 
 
-@pytest.mark.parametrize(("num_tokens", "seq_len"), [(103, 10), (101, 10), (17, 16), (1000, 7)])
+# 100 and 32 tokens are exact multiples of seq_len: the last full window needs one token more than they hold.
+@pytest.mark.parametrize(("num_tokens", "seq_len"), [(103, 10), (101, 10), (100, 10), (17, 16), (32, 16), (1000, 7)])
 def test_blocks_reconstruct_the_stream_without_loss_or_duplication(num_tokens: int, seq_len: int) -> None:
     tokens = np.arange(num_tokens, dtype=np.uint16)
     blocks = PackedBlocks(tokens, seq_len)

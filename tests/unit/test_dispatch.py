@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 
 from sdmoe_train.moe import experts as experts_module
 from sdmoe_train.moe.config import MoEConfig
-from sdmoe_train.moe.dispatch import LocalDispatcher, expert_capacity
+from sdmoe_train.moe.dispatch import LocalDispatcher, bin_counts, expert_capacity
 from sdmoe_train.moe.experts import ExpertBank, grouped_linear, reference_moe_forward
 from sdmoe_train.moe.layer import MoELayer
 
@@ -326,3 +326,23 @@ def test_expert_bank_backward_accepts_an_expanded_output_gradient() -> None:
     x_nd = torch.randn(6, 8, requires_grad=True)
     bank(x_nd, torch.tensor([1, 2, 0, 3])).sum().backward()
     assert x_nd.grad is not None and bank.down_proj.grad.abs().sum() > 0
+
+
+def test_bin_counts_equal_bincount_with_a_length_that_does_not_depend_on_the_data() -> None:
+    ids_TK = torch.tensor([[0, 3], [3, 1], [0, 3]])
+    assert torch.equal(bin_counts(ids_TK, 6), torch.bincount(ids_TK.flatten(), minlength=6))
+    assert bin_counts(torch.zeros(0, 2, dtype=torch.int64), 6).tolist() == [0] * 6
+
+
+def test_expert_gemms_run_in_the_autocast_dtype_on_fp32_inputs_and_weights() -> None:
+    """Under bf16-mixed the experts see the fp32 RMSNorm output and fp32 master weights, like the dense layers."""
+    torch.manual_seed(0)
+    x_nd, weight_eoi = torch.randn(6, 16), torch.randn(3, 8, 16, requires_grad=True)
+    tokens_per_expert = torch.tensor([2, 1, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = grouped_linear(x_nd, weight_eoi, tokens_per_expert)
+        reference = torch.cat([rows @ w.T for rows, w in zip(x_nd.split([2, 1, 3]), weight_eoi, strict=True)])
+    assert out.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference, rtol=1e-2, atol=1e-2)
+    out.float().sum().backward()
+    assert weight_eoi.grad is not None and weight_eoi.grad.dtype == torch.float32

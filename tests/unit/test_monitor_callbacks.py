@@ -68,7 +68,7 @@ def _model(sdmoe: bool = False) -> Transformer:
 
 def _module(model: Transformer) -> SimpleNamespace:
     """The side of PretrainModule the callbacks see (sdmoe_train.lightning.contract.MoETrainingModule)."""
-    return SimpleNamespace(model=model, expert_groups=None, last_routing=None, step_skipped=False)
+    return SimpleNamespace(model=model, expert_groups=None, last_routing=None, step_skipped=False, tokens_seen=0)
 
 
 def _fake_routing(counts_LE: list[list[int]], z_loss: float) -> MoEAux:

@@ -450,3 +450,10 @@ def test_sdpa_without_gqa_flag_matches_manual_reference() -> None:
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_sequences_beyond_max_seq_len_raise_an_error_not_an_assert(tiny_config: TransformerConfig) -> None:
+    model = Transformer(tiny_config)
+    tokens = torch.zeros(1, tiny_config.max_seq_len + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"sequence of {tiny_config.max_seq_len + 1} tokens > max_seq_len"):
+        model(tokens)

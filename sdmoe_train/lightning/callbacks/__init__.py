@@ -12,11 +12,13 @@ from sdmoe_train.lightning.callbacks.gradient_alignment import GradientAlignment
 from sdmoe_train.lightning.callbacks.nonfinite import NonFiniteGuard
 from sdmoe_train.lightning.callbacks.routing_health import RoutingHealthMonitor
 from sdmoe_train.lightning.callbacks.spectral_overlap import SpectralOverlapMonitor
+from sdmoe_train.lightning.callbacks.throughput import PerformanceMonitor
 
 __all__ = [
     "GateAlignmentMonitor",
     "GradientAlignmentMonitor",
     "NonFiniteGuard",
+    "PerformanceMonitor",
     "PeriodicCheckpoint",
     "PreemptionHandler",
     "RoutingHealthMonitor",
