@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from sdmoe_train.data.demo_corpus import INSTALL_COMMAND, demo_texts
+from sdmoe_train.data.kjv_corpus import BIBLE_COMMAND, bible_text, parse_chapters
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.io import write_text_atomically
 
-BIBLE_RANGE = "gen1:1-rev22:21"
-"""The ``bible -f`` passage that prints the whole Bible, Genesis 1:1 to Revelation 22:21."""
-KJV_INSTALL_COMMAND = "apt-get update && apt-get install -y bible-kjv"
-VERSE_PREFIX = re.compile(r"^(?P<book>[1-3]?[A-Za-z]+)(?P<chapter>\d+):(?P<verse>\d+) (?P<text>.*)$")
-"""``Ge1:1 In the beginning ...``; numbered books keep their digit (``1Sa3:4``)."""
 SHAKESPEARE_CHUNK_CHARS = 8000
 """Largest Shakespeare document, in characters (about 2k tokens): plays are cut at blank lines."""
 SOURCES = ("kjv", "shakespeare")
@@ -56,18 +51,13 @@ class CorpusFiles:
 def kjv_chapters(lines: list[str]) -> list[str]:
     """One document per Bible chapter, verses without their ``Book<ch>:<verse>`` prefix, one verse a line.
 
+    The chapters are :func:`~sdmoe_train.data.kjv_corpus.parse_chapters`'; a document has no final newline
+    (the study's corpus was built so, and changing it would change every token of it).
+
     Raises:
         ValueError: a line does not start with a verse prefix (the ``bible`` output format changed).
     """
-    chapters: dict[tuple[str, str], list[str]] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        match = VERSE_PREFIX.match(line)
-        if match is None:
-            raise ValueError(f"line {number} of the `bible` output has no verse prefix: {line[:60]!r}")
-        chapters.setdefault((match["book"], match["chapter"]), []).append(match["text"].strip())
-    return ["\n".join(verses) for verses in chapters.values()]
+    return ["\n".join(chapter.verses) for chapter in parse_chapters(lines)]
 
 
 def paragraph_chunks(text: str, max_chars: int) -> list[str]:
@@ -92,16 +82,14 @@ def read_kjv() -> list[str]:
     Raises:
         ConfigError: the command is missing (with the apt command that installs it) or fails.
     """
-    executable = shutil.which("bible")
-    if executable is None:
+    try:
+        return bible_text().splitlines()
+    except FileNotFoundError as error:
+        raise ConfigError(f"{error}; the evidence corpus needs it, rerun afterwards") from error
+    except subprocess.CalledProcessError as error:
         raise ConfigError(
-            f"the evidence corpus needs the King James Bible from Debian's bible-kjv package; install it with "
-            f"`{KJV_INSTALL_COMMAND}` (as root), then rerun"
-        )
-    result = subprocess.run([executable, "-f", BIBLE_RANGE], capture_output=True, text=True, check=False)
-    if result.returncode != 0 or not result.stdout.strip():
-        raise ConfigError(f"`bible -f {BIBLE_RANGE}` failed (exit {result.returncode}): {result.stderr.strip()[:200]}")
-    return result.stdout.splitlines()
+            f"`{' '.join(BIBLE_COMMAND)}` failed (exit {error.returncode}): {error.stderr[:200]}"
+        ) from error
 
 
 def read_shakespeare() -> list[str]:
