@@ -34,7 +34,8 @@ case "$3" in
   */halted/*) echo "{HALT_MESSAGE} loss not finite"; exit 1;;
   *) mkdir -p "$(dirname "$3")/logs"; echo "step,val/loss" > "$(dirname "$3")/logs/metrics.csv"; exit 1;;
 esac"""
-    monkeypatch.setattr(evidence_runner, "sdmoe_train_executable", lambda: _fake_trainer(tmp_path, body))
+    trainer = _fake_trainer(tmp_path, body)
+    monkeypatch.setattr(evidence_runner, "sdmoe_train_executable", lambda: trainer)
     jobs = [_job(tmp_path, name) for name in ("ok", "halted", "crashed")]
 
     records = run_jobs(jobs, parallel=2, threads=1)
