@@ -232,6 +232,7 @@ def data_section(study: Study, layout: Layout) -> dict[str, Any]:
             "dataset_config_name": None,
             "split": "train",
             "text_field": "text",
+            "token_field": None,
             "tokenizer": str(layout.tokenizer.resolve()),
             "vocab_size": study.vocab_size,
             "seq_len": study.seq_len,
