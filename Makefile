@@ -16,7 +16,7 @@ DEMO_RUN_DIR ?= runs/tiny_qwen_cpu
 MIXTURE_RECIPE ?= recipes/tiny_qwen_cpu_mixture.yaml
 MIXTURE_RUN_DIR ?= runs/tiny_qwen_cpu_mixture
 
-.PHONY: install test test-slow test-slurm lint bench gpu-check demo demo-corpus kjv-corpus demo-mixture clean
+.PHONY: install test test-slow test-slurm lint bench gpu-check demo demo-corpus kjv-corpus demo-mixture evidence clean
 
 install: $(INSTALLED)
 
@@ -49,8 +49,8 @@ test-slurm: install
 	$(PY) -m pytest -m slow tests/integration/test_slurm.py $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check sdmoe_train tests benchmarks
-	$(PY) -m ruff format --check sdmoe_train tests benchmarks
+	$(PY) -m ruff check sdmoe_train tests benchmarks experiments
+	$(PY) -m ruff format --check sdmoe_train tests benchmarks experiments
 
 demo-corpus: install
 	$(VENV)/bin/sdmoe-train demo-corpus data/shakespeare
@@ -72,6 +72,15 @@ demo-mixture: demo-corpus kjv-corpus
 	@echo "starting a fresh mixture run in $(MIXTURE_RUN_DIR) (removing the previous one)"
 	rm -rf $(MIXTURE_RUN_DIR)
 	$(VENV)/bin/sdmoe-train fit --config $(MIXTURE_RECIPE)
+
+# The SD-MoE evidence study (docs/sdmoe-evidence.md): every arm and seed, then held-out perplexity, the
+# summary, table and figures in runs/sdmoe_evidence/. About 90 minutes on 2 idle CPU cores; needs Debian's
+# bible-kjv (apt-get install -y bible-kjv). EVIDENCE_ARGS="--docs-dir docs/figures/evidence" refreshes the
+# results page's figures; --scale gpu and the size flags are listed by `python experiments/sdmoe_evidence.py -h`.
+EVIDENCE_ARGS ?=
+
+evidence: install
+	$(PY) experiments/sdmoe_evidence.py $(EVIDENCE_ARGS)
 
 # glibc keeps freed tensors instead of returning them to the OS after every step (see README, Performance).
 BENCH_MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736

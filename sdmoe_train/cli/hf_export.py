@@ -10,8 +10,9 @@ from sdmoe_train.interop.hf.families import export_adapters
 
 USAGE = """\
   sdmoe-train export CKPT OUT_DIR --format hf [--tokenizer PATH] [--max_shard_size 5GB] [--arch NAME]
-                     [--drop_ssmoe]
+                     [--drop_ssmoe] [--overwrite]
       write config.json + safetensors (+ tokenizer) for transformers' Qwen2-MoE, Qwen3-MoE or DeepSeek-V3
+      into an empty OUT_DIR (--overwrite: replace an earlier export's files there)
 """
 
 
@@ -40,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
         help="export a checkpoint with SSMoE spectral routers by keeping only its learned routers (c = 0); "
         "without it such a checkpoint is refused, since transformers has no spectral router",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="OUT_DIR may hold an earlier export: its weights, index, config and tokenizer files are replaced "
+        "(other files stay); without it a directory that is not empty is refused",
+    )
     return parser
 
 
@@ -47,8 +54,19 @@ def run(argv: list[str]) -> None:
     """Run ``export`` with its arguments (ConfigError propagates to the caller)."""
     args = _parser().parse_args(argv)
     written = export_checkpoint(
-        args.ckpt, args.out_dir, args.arch, args.tokenizer, args.max_shard_size, drop_ssmoe=args.drop_ssmoe
+        args.ckpt,
+        args.out_dir,
+        args.arch,
+        args.tokenizer,
+        args.max_shard_size,
+        drop_ssmoe=args.drop_ssmoe,
+        overwrite=args.overwrite,
     )
     for note in written.notes:
         print(f"converted: {note}")
     print(f"exported {args.ckpt} as {written.arch} ({written.model_class}) -> {args.out_dir}")
+    if args.tokenizer is None:
+        print(
+            "no tokenizer written: AutoTokenizer cannot load this directory; export again with --overwrite "
+            "--tokenizer PATH (the run's data.corpus.tokenizer) to include it"
+        )

@@ -8,8 +8,9 @@ from pathlib import Path
 from sdmoe_train.interop.hf.checkpoints import import_checkpoint
 
 USAGE = """\
-  sdmoe-train import HF_DIR OUT_DIR [--upcycle_experts N --upcycle_top_k K]
-      write OUT_DIR/model.yaml (the model.arch recipe section) and OUT_DIR/model.ckpt (weights)
+  sdmoe-train import HF_DIR OUT_DIR [--upcycle_experts N --upcycle_top_k K] [--overwrite]
+      write OUT_DIR/model.yaml (the model.arch recipe section) and OUT_DIR/model.ckpt (weights) into an
+      empty OUT_DIR (--overwrite: replace an earlier import's files there)
 """
 
 
@@ -28,13 +29,21 @@ def _parser() -> argparse.ArgumentParser:
         help="dense checkpoint (qwen2, qwen3) only: copy each MLP into this many experts (sparse upcycling)",
     )
     parser.add_argument("--upcycle_top_k", type=int, default=2, help="experts per token after upcycling (default 2)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="OUT_DIR may hold an earlier import: its model.yaml, model.ckpt and tokenizer files are replaced "
+        "(other files stay); without it a directory that is not empty is refused",
+    )
     return parser
 
 
 def run(argv: list[str]) -> None:
     """Run ``import`` with its arguments (ConfigError propagates to the caller)."""
     args = _parser().parse_args(argv)
-    written = import_checkpoint(args.hf_dir, args.out_dir, args.upcycle_experts, args.upcycle_top_k)
+    written = import_checkpoint(
+        args.hf_dir, args.out_dir, args.upcycle_experts, args.upcycle_top_k, overwrite=args.overwrite
+    )
     for note in written.notes:
         print(f"converted: {note}")
     print(

@@ -166,6 +166,11 @@ class PretrainModule(L.LightningModule):
                 "the spectral router needs every expert's weights on each rank; train with ep_size=1, or train "
                 "without SSMoE and evaluate the consolidated checkpoint with `sdmoe-train ssmoe-eval`"
             )
+        if self.sdmoe.enabled and self.sdmoe.bases_from == "experts" and self.parallel.ep_size > 1:
+            raise ConfigError(
+                f"model.sdmoe.bases_from=experts with model.parallel.ep_size={self.parallel.ep_size} is not "
+                "supported: the bases would need every expert on each rank; use bases_from=common or ep_size=1"
+            )
         self._init_rng_state = capture_rng_state()
         # Shapes only: the weights get storage where they will live in `configure_model` (docs/performance.md).
         with torch.device("meta"):
@@ -225,12 +230,13 @@ class PretrainModule(L.LightningModule):
         if self._trainer is None:
             return
         if self.sdmoe.enabled and uses_deepspeed(self.trainer) and not self._gradients_projected_in_backward:
-            if self.sdmoe.strict:
-                raise ConfigError(
-                    "model.sdmoe.strict=true is not supported with the DeepSpeed strategy (ZeRO keeps its own fp32 "
-                    "master weights, which the strict update projection cannot reach); set sdmoe.strict=false "
-                    "or use trainer.strategy=ddp"
-                )
+            for option in ("strict", "reproject_unique"):
+                if getattr(self.sdmoe, option):
+                    raise ConfigError(
+                        f"model.sdmoe.{option}=true is not supported with the DeepSpeed strategy (ZeRO keeps its own "
+                        "fp32 master weights, which edits of W_u after the optimizer step cannot reach); set "
+                        f"sdmoe.{option}=false or use trainer.strategy=ddp"
+                    )
             register_gradient_projection_hooks(self.model)
             self._gradients_projected_in_backward = True
 

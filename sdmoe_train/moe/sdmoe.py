@@ -38,6 +38,7 @@ from sdmoe_train.moe.experts import MATRIX_TYPES, ExpertBank, MatrixType
 from sdmoe_train.moe.layer import MoELayer, MoEModel
 from sdmoe_train.moe.spectral import (
     UpdateReference,
+    fold_touching_parts_,
     project_common_gradient_,
     project_unique_gradient_,
     project_unique_update_,
@@ -61,6 +62,10 @@ class SDMoEConfig:
     """Expert matrix types to decompose; the others stay plain per-expert banks."""
     strict: bool = False
     """Also project the optimizer's update of W_u onto the complement (AdamW can leave it otherwise)."""
+    reproject_unique: bool = False
+    """At each refresh, move what W_u touches of the new bases out of it (experts' mean into W_c); not in the paper."""
+    bases_from: Literal["common", "experts"] = "common"
+    """Refresh U_k, V_k from W_c (the paper) or from the subspaces all E proxies use most (not in the paper)."""
     svd: Literal["full", "lowrank"] = "full"
     """Basis refresh by full torch.linalg.svd, or a seeded randomised SVD (much cheaper; benchmarks/README.md)."""
     seed: int = 0
@@ -79,6 +84,8 @@ class SDMoEConfig:
         unknown = [matrix for matrix in self.matrices if matrix not in MATRIX_TYPES]
         if unknown:
             raise ConfigError(f"sdmoe.matrices={list(self.matrices)} contains {unknown}; valid: {list(MATRIX_TYPES)}")
+        if self.bases_from not in ("common", "experts"):
+            raise ConfigError(f"sdmoe.bases_from={self.bases_from!r} must be 'common' or 'experts'")
         if self.svd not in ("full", "lowrank"):
             raise ConfigError(f"sdmoe.svd={self.svd!r} must be 'full' or 'lowrank'")
 
@@ -238,18 +245,41 @@ class DecoupledExpertBank(ExpertBank):
 
     @torch.no_grad()
     def refresh_bases(self) -> None:
-        """Recompute U_k, V_k as the top-k singular vectors of the current W_c; W_c and W_u stay as they are."""
+        """Recompute U_k, V_k as the top-k singular vectors of the current W_c (§5).
+
+        W_c and W_u stay as they are (the paper's rule), unless ``reproject_unique`` is set: then every W_u[i]
+        is projected onto the new bases' complement and the mean of the removed parts is added to W_c
+        (:func:`~sdmoe_train.moe.spectral.fold_touching_parts_`), so the experts' mean proxy is unchanged.
+        With ``bases_from: experts`` the bases are the top-k left singular vectors of the proxies side by side
+        ``[W_1 … W_E]`` and the top-k right singular vectors of the proxies stacked ``[W_1; …; W_E]``, i.e. the
+        top eigenvectors of ``Σ_i W_i W_iᵀ`` and ``Σ_i W_iᵀ W_i``: the output and input directions the experts
+        use most, whether W_c or the unique parts carry them (the paper's "shared dominant directions").
+        """
         refresh_index = self.steps // self.config.refresh_every
         for matrix in self.decomposed:
-            common_MN, _, left_MK, right_NK = self.parts(matrix)
+            common_MN, unique_EMN, left_MK, right_NK = self.parts(matrix)
             generator = None
             if self.config.svd == "lowrank":
                 generator = torch.Generator(common_MN.device).manual_seed(
                     _derived_seed(self.config.seed, self.layer_index, MATRIX_TYPES.index(matrix), refresh_index)
                 )
-            new_left_MK, new_right_NK = top_singular_bases(common_MN, self.config.rank, self.config.svd, generator)
+            new_left_MK, new_right_NK = self._bases_source(common_MN, unique_EMN, generator)
             left_MK.copy_(new_left_MK)
             right_NK.copy_(new_right_NK)
+            if self.config.reproject_unique:
+                fold_touching_parts_(common_MN, unique_EMN, left_MK, right_NK)
+
+    def _bases_source(
+        self, common_MN: Tensor, unique_EMN: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        rank, method = self.config.rank, self.config.svd
+        if self.config.bases_from == "common":
+            return top_singular_bases(common_MN, rank, method, generator)
+        proxies_EMN = common_MN + unique_EMN
+        # Left bases of the side-by-side (M, E·N) proxies, right bases of the stacked (E·M, N) ones.
+        left_MK, _ = top_singular_bases(proxies_EMN.transpose(0, 1).flatten(1), rank, method, generator)
+        _, right_NK = top_singular_bases(proxies_EMN.flatten(0, 1), rank, method, generator)
+        return left_MK, right_NK
 
     @torch.no_grad()
     def merged(self) -> ExpertBank:

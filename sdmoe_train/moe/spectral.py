@@ -162,6 +162,33 @@ def project_common_gradient_(grad_MN: Tensor, left_MK: Tensor, right_NK: Tensor)
     grad_MN.copy_(outer_M2K @ inner_2KN)
 
 
+@torch.no_grad()
+def fold_touching_parts_(common_MN: Tensor, unique_EMN: Tensor, left_MK: Tensor, right_NK: Tensor) -> None:
+    """In place: move the part of every W_u[i] that touches (U_k, V_k) out of it, adding their mean to W_c.
+
+    With ``C_i = P_U W_u[i] + W_u[i] P_V − P_U W_u[i] P_V``: ``W_u[i] ← W_u[i] − C_i = (I − P_U) W_u[i] (I − P_V)``
+    and ``W_c ← W_c + mean_i C_i``. The experts' mean proxy ``W_c + mean_i W_u[i]`` is unchanged; expert i's
+    proxy moves by ``mean_j C_j − C_i``, which is small when what the unique parts hold inside the common
+    subspace is mostly shared. ``mean_i C_i`` is the touching part of ``mean_i W_u[i]`` (the projection is
+    linear), so W_c's share costs one (M, N) projection. Not part of the paper's method (its refresh leaves
+    W_u as it is): the ``reproject_unique`` option of :class:`~sdmoe_train.moe.sdmoe.SDMoEConfig`.
+
+    Args:
+        common_MN: W_c; gains the mean touching part.
+        unique_EMN: W_u; overwritten with its complement part, in fp32 or wider arithmetic.
+        left_MK: U_k (the new bases).
+        right_NK: V_k.
+    """
+    work_EMN = _working(unique_EMN)
+    left_MK, right_NK = left_MK.to(work_EMN.dtype), right_NK.to(work_EMN.dtype)
+    outer_M2K, inner_2KN = _touching_part_factors(work_EMN.mean(dim=0), left_MK, right_NK)
+    common_MN.add_((outer_M2K @ inner_2KN).to(common_MN.dtype))
+    outer_EM2K, inner_E2KN = _touching_part_factors(work_EMN, left_MK, right_NK)
+    work_EMN.baddbmm_(outer_EM2K, inner_E2KN, alpha=-1)
+    if work_EMN is not unique_EMN:
+        unique_EMN.copy_(work_EMN)
+
+
 @dataclass
 class UpdateReference:
     """What strict mode keeps of the pre-step unique parts: their coordinates along the bases.

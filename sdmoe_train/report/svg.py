@@ -8,7 +8,7 @@ of a tiny run is a few kilobytes that can be committed to the docs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from html import escape
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -38,6 +38,44 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     first = math.ceil(low / step) * step
     return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def axes_svg(
+    frame: tuple[float, float, float, float],
+    y_range: tuple[float, float],
+    to_y: Callable[[float], float],
+    y_label: str,
+    x_axis: tuple[tuple[float, float], Callable[[float], float], str, float] | None = None,
+) -> list[str]:
+    """The plot frame, horizontal grid lines with y tick labels, the y caption and optionally an x axis.
+
+    Args:
+        frame: (left, top, width, height) of the plot area in pixels.
+        y_range: (low, high) of the y axis.
+        to_y: data y -> pixel y.
+        y_label: y caption, drawn rotated left of the frame.
+        x_axis: ((low, high), data x -> pixel x, caption, caption distance below the frame), or None.
+    """
+    left, top, plot_width, plot_height = frame
+    parts = [f'<rect x="{left}" y="{top}" width="{plot_width}" height="{plot_height}" fill="none" stroke="#999"/>']
+    for tick in _ticks(*y_range):
+        y = to_y(tick)
+        parts.append(f'<line x1="{left}" x2="{left + plot_width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_number(tick)}</text>')
+    if x_axis is not None:
+        x_range, to_x, x_label, gap = x_axis
+        for tick in _ticks(*x_range):
+            x = to_x(tick)
+            parts.append(f'<text x="{x:.1f}" y="{top + plot_height + 14}" text-anchor="middle">{_number(tick)}</text>')
+        parts.append(
+            f'<text x="{left + plot_width / 2}" y="{top + plot_height + gap}" text-anchor="middle">'
+            f"{escape(x_label)}</text>"
+        )
+    parts.append(
+        f'<text x="12" y="{top + plot_height / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 12 {top + plot_height / 2})">{escape(y_label)}</text>'
+    )
+    return parts
 
 
 def line_chart_svg(
@@ -82,21 +120,8 @@ def line_chart_svg(
     def to_y(y: float) -> float:
         return top + (1 - (y - y_low) / (y_high - y_low)) * plot_height
 
-    parts.append(f'<rect x="{left}" y="{top}" width="{plot_width}" height="{plot_height}" fill="none" stroke="#999"/>')
-    for tick in _ticks(y_low, y_high):
-        y = to_y(tick)
-        parts.append(f'<line x1="{left}" x2="{left + plot_width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_number(tick)}</text>')
-    for tick in _ticks(x_low, x_high):
-        x = to_x(tick)
-        parts.append(f'<text x="{x:.1f}" y="{top + plot_height + 14}" text-anchor="middle">{_number(tick)}</text>')
-    parts.append(
-        f'<text x="{left + plot_width / 2}" y="{top + plot_height + 28}" text-anchor="middle">{escape(x_label)}</text>'
-    )
-    parts.append(
-        f'<text x="12" y="{top + plot_height / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 12 {top + plot_height / 2})">{escape(y_label)}</text>'
-    )
+    frame = (left, top, plot_width, plot_height)
+    parts += axes_svg(frame, (y_low, y_high), to_y, y_label, ((x_low, x_high), to_x, x_label, 28))
     for number, (name, values) in enumerate(points.items()):
         color = PALETTE[number % len(PALETTE)]
         path = " ".join(f"{to_x(x):.1f},{to_y(y):.1f}" for x, y in values)

@@ -76,18 +76,18 @@ def _train(model: Transformer, wrapped: torch.nn.Module, batches: torch.Tensor) 
     return {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
 
-def _build() -> Transformer:
+def _build(config: SDMoEConfig) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(tiny_arch())
-    apply_spectral_decoupling(model, SDMOE)
+    apply_spectral_decoupling(model, config)
     return model.double()
 
 
-def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str, config: SDMoEConfig) -> None:
     torch.set_num_threads(1)  # two ranks on a 2-core machine
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = _build()
+        model = _build(config)
         # Ranks draw different global random numbers (as with dropout); SD-MoE must not depend on them.
         torch.manual_seed(100 + rank)
         state = _train(model, DistributedDataParallel(model), global_batches()[:, rank::world_size])
@@ -96,16 +96,16 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
-def spawn_ddp_run(tmp_path: Path, world_size: int = 2) -> list[dict[str, torch.Tensor]]:
+def spawn_ddp_run(tmp_path: Path, world_size: int = 2, config: SDMoEConfig = SDMOE) -> list[dict[str, torch.Tensor]]:
     """Final state_dict of every rank after STEPS data-parallel SD-MoE steps."""
-    mp.spawn(_ddp_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size)
+    mp.spawn(_ddp_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path), config), nprocs=world_size)
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
 
 
-def single_process_run() -> dict[str, torch.Tensor]:
+def single_process_run(config: SDMoEConfig = SDMOE) -> dict[str, torch.Tensor]:
     """Final state_dict after the same steps on the whole global batch in one process."""
     with _one_thread():
-        model = _build()
+        model = _build(config)
         return _train(model, model, global_batches())
 
 

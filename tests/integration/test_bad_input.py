@@ -163,6 +163,7 @@ def _prepared_with_other_tokenizer(prepared: Prepared, tmp_path: Path) -> list[s
 
 NO_TEXT_ROWS = b'{"body": "a"}\n{"text": null}\n{}\n'
 
+
 def _damaged_last(prepared: Prepared, tmp_path: Path, truncate: bool) -> list[str]:
     recipe = prepared.copy_to(tmp_path)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -485,3 +486,141 @@ def test_seq_len_above_the_model_context_is_refused_before_tokenizing(prepared: 
         main(["fit", "--config", str(prepared.recipe), "--data.corpus.seq_len=64", f"--data.corpus.cache_dir={cache}"])
     assert exit_info.value.code == 2
     assert not cache.exists(), "the token cache was built before the bad seq_len was reported"
+
+
+# --- `export` and `import`: damaged checkpoints and output directories ---------------------------------
+
+
+@dataclass
+class BadSubcommandInput:
+    name: str
+    damage: Callable[[Path, Path], list[str]]
+    """Damages a copy of the exported checkpoint (first path) under the case's folder (second path) and
+    returns the whole command line."""
+    expected: list[str] = field(default_factory=list)
+
+
+def _hf_copy(exported: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "hf"
+    shutil.copytree(exported / "hf", copy)
+    return copy
+
+
+def _import_damaged(change: Callable[[Path], None]) -> Callable[[Path, Path], list[str]]:
+    def damage(exported: Path, tmp_path: Path) -> list[str]:
+        hf = _hf_copy(exported, tmp_path)
+        change(hf)
+        return ["import", str(hf), str(tmp_path / "out")]
+
+    return damage
+
+
+def _drop_key(path: Path, key: str) -> None:
+    import json
+
+    settings = json.loads(path.read_text())
+    del settings[key]
+    path.write_text(json.dumps(settings))
+
+
+SHARD = "model-00002-of-00002.safetensors"
+"""The second shard of the fixture's export (1 layer, 3.8 MB split at 2 MB)."""
+BAD_SUBCOMMAND_INPUTS = [
+    BadSubcommandInput(
+        "import_missing_shard", _import_damaged(lambda hf: (hf / SHARD).unlink()), [SHARD, "missing", "fetch"]
+    ),
+    BadSubcommandInput(
+        "import_truncated_shard",
+        _import_damaged(lambda hf: (hf / SHARD).write_bytes((hf / SHARD).read_bytes()[:50])),
+        [SHARD, "truncated"],
+    ),
+    BadSubcommandInput(
+        "import_broken_config",
+        _import_damaged(lambda hf: (hf / "config.json").write_text('{"model_type": ')),
+        ["config.json", "not valid JSON"],
+    ),
+    BadSubcommandInput(
+        "import_config_not_an_object",
+        _import_damaged(lambda hf: (hf / "config.json").write_text("[1, 2]")),
+        ["config.json", "not a JSON object"],
+    ),
+    BadSubcommandInput(
+        "import_config_missing_setting",
+        _import_damaged(lambda hf: _drop_key(hf / "config.json", "hidden_size")),
+        ["config.json", "'hidden_size'"],
+    ),
+    BadSubcommandInput(
+        "import_broken_index",
+        _import_damaged(lambda hf: (hf / "model.safetensors.index.json").write_text("{")),
+        ["model.safetensors.index.json", "not valid JSON"],
+    ),
+    BadSubcommandInput(
+        "import_index_without_weight_map",
+        _import_damaged(lambda hf: (hf / "model.safetensors.index.json").write_text("{}")),
+        ["model.safetensors.index.json", "weight_map"],
+    ),
+    BadSubcommandInput(
+        "import_into_its_own_directory",
+        lambda exported, tmp: ["import", str(_hf_copy(exported, tmp)), str(tmp / "hf"), "--overwrite"],
+        ["another OUT_DIR"],
+    ),
+    BadSubcommandInput(
+        "export_truncated_checkpoint",
+        lambda exported, tmp: [
+            "export",
+            str(_garbage_file(tmp, "last.ckpt")),
+            str(tmp / "out"),
+        ],
+        ["last.ckpt", "truncated or not a checkpoint"],
+    ),
+    BadSubcommandInput(
+        "export_into_a_non_empty_directory",
+        lambda exported, tmp: ["export", str(exported / "last.ckpt"), str(_hf_copy(exported, tmp))],
+        ["is not empty", "config.json", "--overwrite"],
+    ),
+    BadSubcommandInput(
+        "export_below_a_file",
+        lambda exported, tmp: ["export", str(exported / "last.ckpt"), str(_garbage_file(tmp, "x") / "out")],
+        ["is a file"],
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import importlib.metadata
+
+    import torch
+
+    from sdmoe_train.lightning.module import PretrainModule
+    from sdmoe_train.models import presets
+
+    pytest.importorskip("safetensors")
+    root = tmp_path_factory.mktemp("exported")
+    config = presets.tiny_qwen_moe()
+    config.n_layers, config.vocab_size, config.max_seq_len = 1, 64, 32
+    module = PretrainModule(config)
+    module.configure_model()  # the weights exist only once materialised (built on the meta device)
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": importlib.metadata.version("lightning"),
+    }
+    torch.save(checkpoint, root / "last.ckpt")
+    main(["export", str(root / "last.ckpt"), str(root / "hf"), "--max_shard_size", "2MB"])
+    assert (root / "hf" / SHARD).is_file(), sorted(p.name for p in (root / "hf").iterdir())
+    return root
+
+
+@pytest.mark.parametrize("case", BAD_SUBCOMMAND_INPUTS, ids=lambda case: case.name)
+def test_bad_export_or_import_input_exits_2_naming_the_file(
+    case: BadSubcommandInput, exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = case.damage(exported, tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2, error[-2000:]
+    for phrase in case.expected:
+        assert phrase in error, f"{phrase!r} missing from:\n{error[-2000:]}"

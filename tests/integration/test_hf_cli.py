@@ -136,3 +136,63 @@ def test_init_from_refuses_a_checkpoint_that_does_not_fit(tmp_path: Path) -> Non
         PretrainModule(_config("tiny_qwen_moe"), sdmoe=SDMoEConfig(enabled=True), init_from=str(ckpt))
     with pytest.raises(ConfigError, match=r"is not a file"):
         PretrainModule(_config("tiny_qwen_moe"), init_from=str(tmp_path / "missing.ckpt"))
+
+
+def test_re_export_refuses_a_non_empty_directory_and_overwrite_leaves_no_stale_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sdmoe_train.interop.hf.driver import import_model
+
+    first, second = PretrainModule(_config("tiny_qwen_moe")), PretrainModule(_config("tiny_qwen_moe"))
+    first.configure_model()
+    second.configure_model()
+    tokenizer = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="a")).save(str(tokenizer))
+    out = tmp_path / "hf"
+    main(["export", str(_save(first, tmp_path / "first.ckpt")), str(out), "--max_shard_size", "100KB"])
+    main(
+        [
+            "export",
+            str(tmp_path / "first.ckpt"),
+            str(out),
+            "--overwrite",
+            "--max_shard_size",
+            "100KB",
+            "--tokenizer",
+            str(tokenizer),
+        ]
+    )
+    assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
+    (out / "NOTES.md").write_text("the user's own file")
+    config_before = (out / "config.json").read_bytes()
+    capsys.readouterr()
+
+    second_ckpt = _save(second, tmp_path / "second.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(second_ckpt), str(out)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is not empty" in error and "--overwrite" in error
+    assert (out / "config.json").read_bytes() == config_before
+
+    main(["export", str(second_ckpt), str(out), "--overwrite"])
+    assert "no tokenizer written" in capsys.readouterr().out
+    # One weights file, no shard, index or tokenizer of the first export; the user's file stays.
+    assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "config.json", "model.safetensors"]
+    tokens = torch.randint(0, 64, (2, 12))
+    torch.testing.assert_close(_logits(import_model(out), tokens).logits, _logits(second, tokens))
+
+
+def test_re_import_refuses_a_non_empty_directory_and_overwrite_replaces_the_import(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = PretrainModule(_config("tiny_qwen_moe"))
+    module.configure_model()
+    main(["export", str(_save(module, tmp_path / "last.ckpt")), str(tmp_path / "hf")])
+    main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
+    (tmp_path / "imported" / "tokenizer.json").write_text("{}")  # an earlier import's tokenizer
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    main(["import", str(tmp_path / "hf"), str(tmp_path / "imported"), "--overwrite"])
+    assert sorted(p.name for p in (tmp_path / "imported").iterdir()) == ["model.ckpt", "model.yaml"]

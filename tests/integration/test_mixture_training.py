@@ -21,15 +21,12 @@ SOURCES = ("plays", "psalms")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-step mixture run with a CSV logger and validation every 2 steps; returns its recipe."""
+    """A 4-step mixture run (the run directory's CSV log) with validation every 2 steps; returns its recipe."""
     root = tmp_path_factory.mktemp("mixture")
     recipe = write_tiny_recipe(root, max_steps=4, mixture=True)
     settings = yaml.safe_load(recipe.read_text())
     settings["trainer"]["val_check_interval"] = 2
-    settings["trainer"]["logger"] = {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": str(root / "run"), "name": "logs", "version": ""},
-    }
+    del settings["trainer"]["logger"]  # the default: CSV metrics in the run directory, one folder per attempt
     recipe.write_text(yaml.safe_dump(settings))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", ["sdmoe-train"])
@@ -38,7 +35,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _rows(recipe: Path) -> list[dict[str, str]]:
-    with open(recipe.parent / "run" / "logs" / "metrics.csv") as stream:
+    with open(recipe.parent / "run" / "logs" / "version_0" / "metrics.csv") as stream:
         return list(csv.DictReader(stream))
 
 

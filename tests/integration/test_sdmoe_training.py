@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.lightning.optim import OptimConfig
 from sdmoe_train.moe.sdmoe import MATRIX_TYPES, SDMoEConfig, decoupled_banks
+from sdmoe_train.parallel.config import ParallelConfig
 from tests.integration import sdmoe_ddp
 from tests.integration.sdmoe_ddp import SEQ, VOCAB, tiny_arch
 from tests.integration.trainers import cpu_trainer
@@ -93,8 +97,11 @@ def test_bases_refresh_every_refresh_every_optimizer_steps_in_training(tmp_path:
     assert (left @ left.T - svd_left @ svd_left.T).abs().max() < 0.5
 
 
-def test_resume_mid_refresh_interval_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
-    sdmoe = {"enabled": True, "rank": 4, "refresh_every": 3, "strict": True}
+@pytest.mark.parametrize(
+    "options", [{}, {"reproject_unique": True, "bases_from": "experts"}], ids=["paper", "tracking"]
+)
+def test_resume_mid_refresh_interval_reproduces_the_uninterrupted_run(tmp_path: Path, options: dict) -> None:
+    sdmoe = {"enabled": True, "rank": 4, "refresh_every": 3, "strict": True, **options}
     straight = _module(**sdmoe)
     cpu_trainer(tmp_path / "straight", max_steps=7).fit(straight, train_dataloaders=_fixed_batch_loader())
 
@@ -126,6 +133,33 @@ def test_load_from_checkpoint_restores_the_decoupled_model(tmp_path: Path) -> No
         assert torch.equal(restored(tokens), module(tokens))
 
 
+@pytest.mark.parametrize("option", ["strict", "reproject_unique"])
+def test_options_that_edit_unique_parts_after_the_step_are_refused_under_deepspeed(
+    monkeypatch: pytest.MonkeyPatch, option: str
+) -> None:
+    module = _module(enabled=True, rank=4, **{option: True})
+    # ZeRO's own fp32 master weights would overwrite the edit at the next step; no DeepSpeed install needed.
+    monkeypatch.setattr("sdmoe_train.lightning.module.uses_deepspeed", lambda trainer: True)
+    module._trainer = SimpleNamespace()
+    with pytest.raises(ConfigError, match=rf"model\.sdmoe\.{option}=true is not supported with the DeepSpeed"):
+        module.configure_model()
+    paper = _module(enabled=True, rank=4)
+    paper._trainer = SimpleNamespace()
+    paper.configure_model()  # the paper's setting projects in backward hooks instead
+    assert paper._gradients_projected_in_backward
+
+
+def test_bases_from_the_experts_is_refused_with_expert_parallelism() -> None:
+    with pytest.raises(ConfigError, match="model.sdmoe.bases_from=experts with model.parallel.ep_size=2"):
+        PretrainModule(
+            tiny_arch(),
+            OPTIM,
+            SDMoEConfig(enabled=True, rank=4, bases_from="experts"),
+            None,
+            ParallelConfig(ep_size=2),
+        )
+
+
 def _assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float) -> None:
     assert actual.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -135,9 +169,15 @@ def _assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torc
             assert torch.equal(actual[name], tensor), name
 
 
-def test_two_process_ddp_sdmoe_steps_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    ranks = sdmoe_ddp.spawn_ddp_run(tmp_path)
-    single = sdmoe_ddp.single_process_run()
+# The options that re-project W_u and take the bases from all experts' proxies average over the experts at every
+# refresh: every rank must compute the same bases and fold identically.
+@pytest.mark.parametrize(
+    "options", [{}, {"reproject_unique": True, "bases_from": "experts"}], ids=["paper", "tracking"]
+)
+def test_two_process_ddp_sdmoe_steps_equal_one_process_on_the_global_batch(tmp_path: Path, options: dict) -> None:
+    config = dataclasses.replace(sdmoe_ddp.SDMOE, **options)
+    ranks = sdmoe_ddp.spawn_ddp_run(tmp_path, config=config)
+    single = sdmoe_ddp.single_process_run(config)
     for state in ranks:
         _assert_same_state(state, single, atol=1e-6)
     assert any("left_basis" in name for name in single)

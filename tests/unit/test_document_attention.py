@@ -172,6 +172,7 @@ def test_pretrain_module_follows_the_data_modules_document_settings(
     from sdmoe_train.lightning.module import PretrainModule
 
     module = PretrainModule(tiny_config)
+    module.configure_model()
     data = SimpleNamespace(
         vocab_size=tiny_config.vocab_size,
         cross_document_attention=cross_document,

@@ -23,9 +23,11 @@ from sdmoe_train.moe.sdmoe import (
     merge_spectral_decoupling,
     project_gradients,
     refresh_bases,
+    register_gradient_projection_hooks,
     strict_update_reference,
 )
 from sdmoe_train.moe.spectral import (
+    fold_touching_parts_,
     project_common_gradient_,
     project_unique_gradient_,
     project_unique_update_,
@@ -181,6 +183,25 @@ def test_project_gradients_splits_every_decomposed_gradient_of_a_model() -> None
             torch.testing.assert_close(common.grad + unique.grad.sum(0), raw_common, atol=1e-6, rtol=1e-5)
 
 
+def test_projection_hooks_give_the_gradients_of_backward_then_projection() -> None:
+    # The DeepSpeed path projects each micro-batch's gradient inside backward; two micro-batches
+    # accumulated through the hooks must equal the plain accumulated gradients projected once.
+    hooked, plain = _model(), _model()
+    plain.load_state_dict(hooked.state_dict())
+    handles = register_gradient_projection_hooks(hooked)
+    for seed in (0, 1):
+        _backward(hooked, seed)
+        _backward(plain, seed)
+    project_gradients(plain)
+    for (name, a), (_, b) in zip(hooked.named_parameters(), plain.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+    bank = decoupled_banks(hooked)[0]
+    _, unique, left, _ = bank.parts("gate")
+    assert (left.T @ unique.grad).abs().max() < 1e-5 * unique.grad.abs().max()
+    for handle in handles:
+        handle.remove()
+
+
 # --- strict mode -------------------------------------------------------------------------------------
 
 
@@ -260,6 +281,116 @@ def test_refresh_is_deterministic(svd: str) -> None:
         refresh_bases(model)
     for (name, a), (_, b) in zip(first.named_buffers(), second.named_buffers(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_each_lowrank_refresh_draws_a_fresh_sketch_per_layer_and_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sdmoe_train.moe.sdmoe as sdmoe_module
+
+    seeds: list[int] = []
+
+    def recording(matrix: Tensor, rank: int, method: str, generator: torch.Generator | None = None):
+        seeds.append(generator.initial_seed())
+        return top_singular_bases(matrix, rank, method, generator)
+
+    monkeypatch.setattr(sdmoe_module, "top_singular_bases", recording)
+    model = _model(svd="lowrank", refresh_every=1)
+    banks = len(decoupled_banks(model))
+    finish_optimizer_step(model, None)
+    first = seeds[:]
+    finish_optimizer_step(model, None)
+    assert len(first) == banks * len(MATRIX_TYPES) == len(set(first)), "one sketch per layer and matrix"
+    assert not set(first) & set(seeds[len(first) :]), "the second refresh reused a sketch of the first"
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_folding_moves_the_touching_parts_of_the_unique_parts_into_the_common_part(shape: tuple[int, int]) -> None:
+    rows, cols = shape
+    left, right = _orthonormal(rows, 4, 3), _orthonormal(cols, 4, 4)
+    generator = torch.Generator().manual_seed(5)
+    shared = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    unique = shared + torch.randn(3, rows, cols, generator=generator, dtype=torch.float64)
+    common = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    before_unique, before_common = unique.clone(), common.clone()
+    fold_touching_parts_(common, unique, left, right)
+    complement = _complement_reference(before_unique, left, right)
+    torch.testing.assert_close(unique, complement, atol=1e-12, rtol=0)
+    touching = before_unique - complement
+    torch.testing.assert_close(common, before_common + touching.mean(0), atol=1e-12, rtol=0)
+    torch.testing.assert_close((common + unique).mean(0), (before_common + before_unique).mean(0), atol=1e-12, rtol=0)
+    proxy_change = (common + unique) - (before_common + before_unique)
+    torch.testing.assert_close(proxy_change, touching.mean(0) - touching, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("svd", ["full", "lowrank"])
+def test_refresh_with_reproject_unique_puts_unique_parts_back_in_the_new_complement(svd: str) -> None:
+    model = _model(svd=svd, reproject_unique=True)
+    _with_gap(model)
+    before = {
+        (id(bank), matrix): [part.detach().clone() for part in bank.parts(matrix)[:2]]
+        for bank in decoupled_banks(model)
+        for matrix in MATRIX_TYPES
+    }
+    refresh_bases(model)
+    for bank in decoupled_banks(model):
+        for matrix in MATRIX_TYPES:
+            common, unique, left, right = bank.parts(matrix)
+            old_common, old_unique = before[id(bank), matrix]
+            assert (left.T @ old_unique).abs().max() > 1e-3 * old_unique.abs().max(), "the new bases must rotate"
+            assert (left.T @ unique).abs().max() < 1e-5 * unique.abs().max()
+            assert (unique @ right).abs().max() < 1e-5 * unique.abs().max()
+            torch.testing.assert_close((common + unique).mean(0), (old_common + old_unique).mean(0), atol=1e-6, rtol=0)
+            assert not torch.equal(common, old_common)
+
+
+@pytest.mark.parametrize("svd", ["full", "lowrank"])
+@pytest.mark.parametrize("bases_from", ["common", "experts"])
+def test_refresh_takes_the_bases_from_the_configured_source(bases_from: str, svd: str) -> None:
+    model = _model(bases_from=bases_from, svd=svd)
+    _with_gap(model)
+    generator = torch.Generator().manual_seed(12)
+    planted = {}
+    with torch.no_grad():
+        for bank in decoupled_banks(model):
+            for matrix in MATRIX_TYPES:
+                # Every unique part reads and writes the same rank-4 subspaces, each with its own mixing, more
+                # strongly than W_c: a shared subspace, not a shared matrix (the experts' mean stays small).
+                unique = bank.parts(matrix)[1]
+                num_experts, rows, cols = unique.shape
+                left, right = _orthonormal(rows, 4, 21), _orthonormal(cols, 4, 22)
+                mixing = 100 * torch.randn(num_experts, 4, 4, generator=generator)
+                unique.copy_(left @ mixing @ right.T + 0.01 * torch.randn(unique.shape, generator=generator))
+                planted[id(bank), matrix] = (left, right)
+    refresh_bases(model)
+    for bank in decoupled_banks(model):
+        for matrix in MATRIX_TYPES:
+            common, _, left, right = bank.parts(matrix)
+            if bases_from == "common":
+                svd_left, _, svd_right_adjoint = torch.linalg.svd(common.detach())
+                expected_left, expected_right = svd_left[:, :4], svd_right_adjoint[:4].T
+            else:
+                expected_left, expected_right = planted[id(bank), matrix]
+            torch.testing.assert_close(left @ left.T, expected_left @ expected_left.T, atol=1e-3, rtol=0)
+            torch.testing.assert_close(right @ right.T, expected_right @ expected_right.T, atol=1e-3, rtol=0)
+
+
+def test_training_steps_with_reproject_unique_fold_only_at_refresh_steps() -> None:
+    model = _model(reproject_unique=True, refresh_every=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    bank = decoupled_banks(model)[0]
+
+    def leakage() -> float:
+        _, unique, left, right = (part.detach() for part in bank.parts("up"))
+        return float(max((left.T @ unique).abs().max(), (unique @ right).abs().max()) / unique.abs().max())
+
+    for step in range(1, 5):
+        optimizer.zero_grad()
+        _backward(model, seed=step)
+        project_gradients(model)
+        optimizer.step()
+        refreshed = finish_optimizer_step(model, strict_update_reference(model))
+        assert refreshed == (step % 2 == 0)
+        # Non-strict AdamW steps leave the complement; a refresh step ends back inside it.
+        assert (leakage() < 1e-5) == refreshed, (step, leakage())
 
 
 def test_lowrank_bases_match_the_full_svd_on_a_large_matrix_with_a_gap() -> None:
@@ -389,6 +520,7 @@ def test_sdmoe_on_a_dense_model_is_a_config_error() -> None:
         ({"matrices": ["up", "up"]}, "at most once"),
         ({"matrices": ["gate", "ffn"]}, r"contains \['ffn'\]"),
         ({"svd": "exact"}, "sdmoe.svd='exact' must be 'full' or 'lowrank'"),
+        ({"bases_from": "proxy"}, "sdmoe.bases_from='proxy' must be 'common' or 'experts'"),
     ],
 )
 def test_invalid_sdmoe_config_names_field_and_value(fields: dict, message: str) -> None:

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.models.config import MoEConfig, TransformerConfig
@@ -140,6 +141,25 @@ def test_blend_zero_is_bit_identical_to_the_learned_router(score_fn: str, moe_kw
     set_blend = SpectralRouter(learned, SSMoEConfig(enabled=True, c=0.5))
     set_blend.refresh(_bank(8, 16, 8))
     assert not torch.equal(set_blend(x_TD).weights_TK, expected.weights_TK)
+
+
+@pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("c", [0.3, 0.7])
+def test_a_partial_blend_weights_experts_by_the_documented_mixture(score_fn: str, c: float) -> None:
+    # softmax: (1 - c) p + c q; sigmoid: (1 - c) s + c S q with S = sum of the sigmoid scores, so the
+    # blend keeps the sigmoid scale (without norm_topk_prob the weights are these scores themselves).
+    router = SpectralRouter(_router(score_fn), SSMoEConfig(enabled=True, c=c))
+    router.refresh(_bank(8, 16, 8))
+    x_TD = torch.randn(64, 16)
+    learned_TE = F.linear(x_TD, router.weight)
+    learned_TE = learned_TE.softmax(-1) if score_fn == "softmax" else learned_TE.sigmoid()
+    spectral_TE = (F.linear(x_TD, router.spectral_rows) / router.ssmoe.tau).softmax(-1)
+    scale_T1 = learned_TE.sum(-1, keepdim=True) if score_fn == "sigmoid" else 1.0
+    expected_TE = (1 - c) * learned_TE + c * scale_T1 * spectral_TE
+    routed = router(x_TD)
+    expected_ids_TK = (expected_TE + router.selection_bias).topk(2, dim=-1).indices
+    assert torch.equal(routed.expert_ids_TK, expected_ids_TK)
+    torch.testing.assert_close(routed.weights_TK, expected_TE.gather(-1, expected_ids_TK))
 
 
 @pytest.mark.parametrize(("score_fn", "moe_kwargs"), [("softmax", {}), ("sigmoid", {"norm_topk_prob": True})])

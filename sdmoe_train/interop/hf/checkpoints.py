@@ -25,7 +25,8 @@ from sdmoe_train.checkpointing.model_state import MODEL_PREFIX, model_state
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.interop.hf.driver import HFExport, export_model, import_model
 from sdmoe_train.interop.hf.families import adapter_for
-from sdmoe_train.interop.hf.files import TOKENIZER_FILES, read_hf_config
+from sdmoe_train.interop.hf.files import TOKENIZER_FILES, parse_size, read_hf_config
+from sdmoe_train.interop.hf.target import check_output_dir, clear_owned_files
 from sdmoe_train.io import atomic_path, copy_file_atomically, write_text_atomically
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
 from sdmoe_train.models.transformer import Transformer
@@ -36,6 +37,8 @@ ConfigT = TypeVar("ConfigT")
 
 IMPORTED_ARCH_FILE = "model.yaml"
 IMPORTED_WEIGHTS_FILE = "model.ckpt"
+IMPORT_FILES = frozenset({IMPORTED_ARCH_FILE, IMPORTED_WEIGHTS_FILE, *TOKENIZER_FILES})
+"""Files an import writes, which ``import --overwrite`` removes before writing."""
 
 
 def _arch(value: TransformerConfig | dict[str, Any]) -> TransformerConfig:
@@ -72,13 +75,22 @@ def load_checkpoint_model(ckpt_path: str | Path, drop_ssmoe: bool = False) -> Tr
     path = Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist")
-    # A training checkpoint is the user's own output (the same trust as `fit --ckpt_path`); it holds
-    # Lightning and jsonargparse objects that the weights-only unpickler rejects.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = checkpoint.get("hyper_parameters") or {}
+    try:
+        # A training checkpoint is the user's own output (the same trust as `fit --ckpt_path`); it holds
+        # Lightning and jsonargparse objects that the weights-only unpickler rejects.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} is truncated or not a checkpoint ({error}); export an earlier checkpoint "
+            "of the run"
+        ) from error
+    hparams = (checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
     if "arch" not in hparams:
         raise ConfigError(f"{path}: no 'arch' hyper-parameter; is it a PretrainModule checkpoint?")
-    model = Transformer(_arch(hparams["arch"]))
+    try:
+        model = Transformer(_arch(hparams["arch"]))
+    except (TypeError, AttributeError) as error:
+        raise ConfigError(f"{path}: its 'arch' hyper-parameter is not a model architecture ({error})") from error
     state = model_state(checkpoint)
     if is_spectral_state(state):
         if not drop_ssmoe:
@@ -97,7 +109,10 @@ def load_checkpoint_model(ckpt_path: str | Path, drop_ssmoe: bool = False) -> Tr
         if sdmoe is None:
             raise ConfigError(f"{path}: expert banks are SD-MoE decoupled but the 'sdmoe' hyper-parameter is missing")
         apply_spectral_decoupling(model, sdmoe)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ConfigError(f"{path}: its weights do not fit its own 'arch' hyper-parameter ({error})") from error
     if decoupled:
         merge_spectral_decoupling(model)
     return model.eval()
@@ -110,17 +125,22 @@ def export_checkpoint(
     tokenizer: str | Path | None = None,
     max_shard_size: str | int = "5GB",
     drop_ssmoe: bool = False,
+    overwrite: bool = False,
 ) -> HFExport:
     """Write a training checkpoint as a transformers checkpoint directory (see :func:`export_model`).
 
     ``drop_ssmoe`` exports a checkpoint with SSMoE spectral routers by keeping only its learned routers
-    (see :func:`load_checkpoint_model`).
+    (see :func:`load_checkpoint_model`); ``overwrite`` replaces an earlier export in ``out_dir``.
 
     Returns:
         The family written (chosen from the config when ``arch`` is None) and the settings converted.
     """
+    check_output_dir(Path(out_dir), overwrite)  # before the (possibly large) checkpoint is read
+    parse_size(max_shard_size)
     model = load_checkpoint_model(ckpt_path, drop_ssmoe)
-    return export_model(model, out_dir, arch=arch, tokenizer=tokenizer, max_shard_size=max_shard_size)
+    return export_model(
+        model, out_dir, arch=arch, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite
+    )
 
 
 @dataclass
@@ -136,21 +156,30 @@ class HFImport:
 
 
 def import_checkpoint(
-    hf_dir: str | Path, out_dir: str | Path, upcycle_experts: int | None = None, upcycle_top_k: int = 2
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    upcycle_experts: int | None = None,
+    upcycle_top_k: int = 2,
+    overwrite: bool = False,
 ) -> HFImport:
     """Turn a transformers checkpoint directory into a model preset plus weights our trainer reads.
 
     Writes ``out_dir/model.yaml`` (the ``model.arch`` section of a recipe), ``out_dir/model.ckpt``
     (``state_dict`` with ``model.`` keys and hyper-parameter ``arch``) and copies the tokenizer files.
     ``upcycle_experts`` turns a dense checkpoint's MLPs into that many identical experts (top-``upcycle_top_k``).
+    ``out_dir`` must be empty or new; ``overwrite`` replaces an earlier import there.
 
     Returns:
         The files written and the settings converted on the way.
     """
+    out = Path(out_dir)
+    if out.resolve() == Path(hf_dir).resolve():
+        raise ConfigError(f"import writes next to, not into, the checkpoint {hf_dir}: give another OUT_DIR")
+    check_output_dir(out, overwrite)
     settings = read_hf_config(hf_dir)
     adapter = adapter_for(settings.get("model_type"))
     model = import_model(hf_dir, upcycle_experts, upcycle_top_k)
-    out = Path(out_dir)
+    clear_owned_files(out, IMPORT_FILES)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
     notes = adapter.conversion_notes(config)

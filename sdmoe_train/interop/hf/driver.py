@@ -24,11 +24,13 @@ from sdmoe_train.interop.hf.adapter import BANKS, HFAdapter, common_hf_settings
 from sdmoe_train.interop.hf.families import adapter_for, export_adapters
 from sdmoe_train.interop.hf.files import (
     CONFIG_FILE,
+    EXPORT_FILES,
     copy_tokenizer,
     load_safetensors,
     read_hf_config,
     save_safetensors,
 )
+from sdmoe_train.interop.hf.target import check_output_dir, clear_owned_files
 from sdmoe_train.interop.hf.upcycle import upcycle_dense_model
 from sdmoe_train.io import write_text_atomically
 from sdmoe_train.models.config import TransformerConfig
@@ -75,13 +77,24 @@ def hf_config(config: TransformerConfig, adapter: HFAdapter, dtype: torch.dtype 
     return common_hf_settings(config, adapter, dtype) | adapter.hf_settings(config)
 
 
-def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
+def config_from_hf(hf: dict[str, Any], source: str | Path = CONFIG_FILE) -> TransformerConfig:
     """Our :class:`TransformerConfig` for a transformers ``config.json`` (its ``model_type`` picks the family).
 
     Raises:
-        ConfigError: unsupported ``model_type``, or listing every setting our model cannot express exactly.
+        ConfigError: unsupported ``model_type``, a setting the family needs missing or of the wrong type
+            (naming ``source``, the file it was read from), or listing every setting our model cannot express.
     """
-    return adapter_for(hf.get("model_type")).config_from_hf(hf)
+    adapter = adapter_for(hf.get("model_type"))
+    try:
+        return adapter.config_from_hf(hf)
+    except ConfigError:
+        raise
+    except KeyError as error:
+        raise ConfigError(
+            f"{source} lacks the setting {error} that {adapter.model_type} needs; is it complete?"
+        ) from error
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source} has a setting of the wrong type for {adapter.model_type}: {error}") from error
 
 
 def to_hf_state_dict(
@@ -186,6 +199,7 @@ def export_model(
     arch: str | None = None,
     tokenizer: str | Path | None = None,
     max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
 ) -> HFExport:
     """Write ``model`` (plain expert banks; merge SD-MoE first) as a transformers checkpoint directory.
 
@@ -195,25 +209,41 @@ def export_model(
         arch: target family (``model_type``); None picks the one that matches ``model.config`` exactly.
         tokenizer: tokenizer.json file or tokenizer directory to copy, or None.
         max_shard_size: largest weight file, e.g. ``"2GB"``.
+        overwrite: ``out_dir`` may hold an earlier export: its weights, index, config and tokenizer files are
+            removed once this model is known to be exportable (other files stay). Without it a directory
+            that is not empty is refused.
 
     Returns:
         The family written and the settings converted on the way.
 
     Raises:
-        ConfigError: the model cannot be expressed exactly in ``arch`` (every differing setting listed).
+        ConfigError: the model cannot be expressed exactly in ``arch`` (every differing setting listed), or
+            ``out_dir`` is not empty and ``overwrite`` is not set.
     """
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    if overwrite and tokenizer is not None and _tokenizer_dir(tokenizer) == out.resolve():
+        raise ConfigError(
+            f"--tokenizer={str(tokenizer)!r} lies in the output directory, whose tokenizer files --overwrite "
+            "removes; give the run's data.corpus.tokenizer instead"
+        )
     config = model.config
     adapter = export_adapter(config, arch)
     settings = hf_config(config, adapter, dtype=model.embed.weight.dtype)
     if decoupled_banks(model):
         raise ConfigError("the model's experts are SD-MoE decoupled; call merge_spectral_decoupling(model) first")
     tensors = to_hf_state_dict(model.state_dict(), config, adapter, settings)
-    out = Path(out_dir)
+    clear_owned_files(out, EXPORT_FILES, owns_shards=True)
     save_safetensors(tensors, out, max_shard_size)
     write_text_atomically(out / CONFIG_FILE, json.dumps(settings, indent=2) + "\n")
     if tokenizer is not None:
         copy_tokenizer(tokenizer, out, config)
     return HFExport(adapter.model_type, adapter.model_class, adapter.conversion_notes(config))
+
+
+def _tokenizer_dir(tokenizer: str | Path) -> Path:
+    source = Path(tokenizer).expanduser().resolve()
+    return source if source.is_dir() else source.parent
 
 
 def import_model(hf_dir: str | Path, upcycle_experts: int | None = None, upcycle_top_k: int = 2) -> Transformer:
@@ -230,7 +260,7 @@ def import_model(hf_dir: str | Path, upcycle_experts: int | None = None, upcycle
     """
     settings = read_hf_config(hf_dir)
     adapter = adapter_for(settings.get("model_type"))
-    config = adapter.config_from_hf(settings)
+    config = config_from_hf(settings, Path(hf_dir) / CONFIG_FILE)
     state = from_hf_state_dict(load_safetensors(Path(hf_dir)), config, adapter, settings)
     with torch.device("meta"):
         model = Transformer(config)

@@ -22,6 +22,7 @@ from sdmoe_train.models.config import TransformerConfig
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -31,6 +32,8 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
 )
+EXPORT_FILES = frozenset({CONFIG_FILE, GENERATION_CONFIG_FILE, SINGLE_FILE, INDEX_FILE, *TOKENIZER_FILES})
+"""Files an export writes (besides numbered shards), which ``export --overwrite`` removes before writing."""
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -85,19 +88,41 @@ def save_safetensors(tensors: dict[str, Tensor], out_dir: Path, max_shard_size: 
 
 
 def load_safetensors(hf_dir: Path) -> dict[str, Tensor]:
-    """Every tensor of a checkpoint directory (single file or sharded with an index)."""
+    """Every tensor of a checkpoint directory (single file or sharded with an index).
+
+    Raises:
+        ConfigError: no weights, an unreadable index, or a weight file that is missing, truncated or not
+            safetensors, naming the file.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if (hf_dir / INDEX_FILE).is_file():
-        weight_map = json.loads((hf_dir / INDEX_FILE).read_text())["weight_map"]
+        weight_map = _read_json(hf_dir / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConfigError(
+                f"{hf_dir / INDEX_FILE} has no 'weight_map' (tensor name -> shard file); re-download or re-export "
+                "the checkpoint"
+            )
         files = sorted(set(weight_map.values()))
     elif (hf_dir / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
     else:
         raise ConfigError(f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found (is it a safetensors checkpoint?)")
+    missing = [name for name in files if not (hf_dir / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{hf_dir / INDEX_FILE} lists weight files that are missing: {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}; the download or copy is incomplete, fetch those files again"
+        )
     tensors: dict[str, Tensor] = {}
     for name in files:
-        tensors.update(load_file(str(hf_dir / name)))
+        try:
+            tensors.update(load_file(str(hf_dir / name)))
+        except (SafetensorError, OSError) as error:
+            raise ConfigError(
+                f"{hf_dir / name} is truncated or not a safetensors file ({error}); fetch or export it again"
+            ) from error
     return tensors
 
 
@@ -133,8 +158,23 @@ def copy_tokenizer(source: str | Path, out_dir: Path, config: TransformerConfig)
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    """The parsed config.json of a checkpoint directory."""
+    """The parsed config.json of a checkpoint directory.
+
+    Raises:
+        ConfigError: no config.json, or one that is not a JSON object, naming the file.
+    """
     path = Path(hf_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{hf_dir}: no {CONFIG_FILE}; expected a Hugging Face checkpoint directory")
-    return json.loads(path.read_text())
+    return _read_json(path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file of a checkpoint directory, or a ConfigError naming the file and the damage."""
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}); re-download or re-export the checkpoint") from error
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path} holds a {type(settings).__name__}, not a JSON object; is it the right file?")
+    return settings
