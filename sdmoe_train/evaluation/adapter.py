@@ -247,6 +247,8 @@ class SDMoELM(TemplateLM):
         Raises:
             ConfigError: if ``max_new_tokens`` leaves no room for a prompt in the context window.
         """
+        if max_new_tokens < 1:
+            return [[] for _ in prompts]
         room = self.max_length - max_new_tokens
         if room < 1:
             raise ConfigError(

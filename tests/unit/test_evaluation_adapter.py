@@ -239,10 +239,13 @@ def test_a_prompt_keeps_its_last_tokens_leaving_room_for_max_gen_toks(tokenizer:
     assert model.capacities == [7]
 
 
-def test_a_max_gen_toks_that_leaves_no_room_for_the_prompt_is_refused(tokenizer: Tokenizer) -> None:
+def test_a_max_gen_toks_that_leaves_no_room_for_the_prompt_is_refused_and_zero_generates_nothing(
+    tokenizer: Tokenizer,
+) -> None:
     lm = SDMoELM(_CountingModel(300, 8), tokenizer)
     with pytest.raises(ConfigError, match="max_gen_toks=8 tokens leaves no room for the prompt .* max_seq_len=8"):
         _generate(lm, ["the king"], until=[], max_gen_toks=8)
+    assert _generate(lm, ["the king"], until=[], max_gen_toks=0) == [""]
 
 
 def test_finished_rows_leave_the_batch_and_the_others_decode_on(tokenizer: Tokenizer) -> None:
