@@ -46,6 +46,8 @@ def test_lm_evals_hf_model_on_the_exported_checkpoint_scores_every_request_like_
     ours = SDMoELM(load_evaluation_model(run.checkpoint, None, tokenizer), tokenizer, batch_size=5)
     theirs = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", dtype="float32", batch_size=3)
     assert (theirs.max_length, theirs.prefix_token_id) == (ours.max_length, ours.prefix_token_id)
+    # transformers' generate() ends a row at the end-of-text token only when the export names it.
+    assert theirs.model.generation_config.eos_token_id == ours.eot_token_id
     settings = {"bootstrap_iters": 0, "log_samples": True, "quiet": True}
     # One task at a time: lm-eval 0.4.13's hf model mis-scores a request that shares its context group with
     # a longer continuation of another task (it gathers the group's first log-probabilities, not the last
