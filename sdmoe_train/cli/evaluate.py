@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from sdmoe_train.checkpointing.manifest import checkpoint_problem
 from sdmoe_train.checkpointing.run_identity import IDENTITY_KEY, identity_differences
+from sdmoe_train.cli.outputs import check_output_file
 from sdmoe_train.cli.recipe import recipe_data_parser
 from sdmoe_train.data.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_identity
 from sdmoe_train.errors import ConfigError
@@ -102,6 +103,10 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     for option in ("batch_size", "max_gen_toks"):
         if config[option] < 1:
             raise ConfigError(f"--{option}={config[option]} must be >= 1")
+    if config.bootstrap_iters < 0:
+        raise ConfigError(f"--bootstrap_iters={config.bootstrap_iters} must be >= 0 (0: no standard errors)")
+    if config.out is not None:
+        check_output_file(config.out, "--out")
     device = _device(config.device)
     ssmoe_settings = config.pop("ssmoe").as_dict()
     ssmoe = None if ssmoe_settings["c"] is None else SSMoEConfig(**ssmoe_settings, enabled=True)

@@ -441,6 +441,30 @@ BAD_INPUTS = [
         setup=_csv_version_with_metrics,
     ),
     BadInput("corrupt_init_from", expected=["init_from", "SHA-256"], setup=_corrupt_init_from),
+    # Not-a-number and infinite settings: `value <= 0` is false for NaN, so they need their own check.
+    BadInput("lr_not_finite", ["--model.optim.lr=.inf"], ["optim.lr=inf must be positive and finite"]),
+    BadInput("adam_eps_zero", ["--model.optim.eps=0"], ["optim.eps=0.0 must be positive"]),
+    BadInput("weight_decay_nan", ["--model.optim.weight_decay=.nan"], ["optim.weight_decay=nan", ">= 0 and finite"]),
+    BadInput("init_std_nan", ["--model.arch.init_std=.nan"], ["arch.init_std=nan must be positive and finite"]),
+    BadInput("aux_loss_coef_inf", ["--model.arch.moe.aux_loss_coef=.inf"], ["moe.aux_loss_coef=inf"]),
+    BadInput("capacity_factor_nan", ["--model.arch.moe.capacity_factor=.nan"], ["moe.capacity_factor=nan"]),
+    BadInput(
+        "ssmoe_tau_inf",
+        ["--model.ssmoe.enabled=true", "--model.ssmoe.tau=.inf"],
+        ["ssmoe.tau=inf must be positive and finite"],
+    ),
+    # Trainer settings Lightning accepts but that fail (or flip gradients) once training runs.
+    BadInput("accumulate_grad_batches_zero", ["--trainer.accumulate_grad_batches=0"], ["accumulate_grad_batches=0"]),
+    BadInput("val_check_interval_zero", ["--trainer.val_check_interval=0"], ["val_check_interval=0"]),
+    BadInput(
+        "check_val_every_n_epoch_zero",
+        ["--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=0"],
+        ["check_val_every_n_epoch=0 must be >= 1"],
+    ),
+    BadInput("gradient_clip_val_negative", ["--trainer.gradient_clip_val=-1"], ["gradient_clip_val=-1", ">= 0"]),
+    # Lightning's own checks of the trainer section: a message, not its MisconfigurationException traceback.
+    BadInput("max_steps_below_minus_one", ["--trainer.max_steps=-2"], ["invalid trainer setting", "max_steps"]),
+    BadInput("limit_val_batches_negative", ["--trainer.limit_val_batches=-1"], ["invalid trainer setting", "-1"]),
 ]
 
 
@@ -617,6 +641,131 @@ def test_bad_export_or_import_input_exits_2_naming_the_file(
     case: BadSubcommandInput, exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = case.damage(exported, tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2, error[-2000:]
+    for phrase in case.expected:
+        assert phrase in error, f"{phrase!r} missing from:\n{error[-2000:]}"
+
+
+# --- the other subcommands: their arguments and output paths --------------------------------------------
+
+
+@dataclass
+class BadArguments:
+    name: str
+    argv: Callable[[Prepared, Path], list[str]]
+    """The whole command line, given the prepared run and the case's folder."""
+    expected: list[str] = field(default_factory=list)
+
+
+def _a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return path
+
+
+def _damaged_metrics(tmp_path: Path) -> Path:
+    metrics = tmp_path / "run" / "logs" / "version_0" / "metrics.csv"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("step,train/lm_loss\n0,5.0\n1,\x00garbage\n")
+    return tmp_path / "run"
+
+
+def _ssmoe_eval(prepared: Prepared, *extra: str) -> list[str]:
+    return [
+        "ssmoe-eval",
+        "--config",
+        str(prepared.recipe),
+        "--ckpt_path",
+        str(prepared.checkpoints / "last.ckpt"),
+        *extra,
+    ]
+
+
+def _evaluate(prepared: Prepared, *extra: str) -> list[str]:
+    pytest.importorskip("lm_eval")
+    checkpoint = str(prepared.checkpoints / "last.ckpt")
+    return ["evaluate", "--config", str(prepared.recipe), "--ckpt_path", checkpoint, "--tasks", "shakespeare", *extra]
+
+
+BAD_ARGUMENTS = [
+    BadArguments(
+        "report_damaged_metrics_csv",
+        lambda prepared, tmp: ["report", str(_damaged_metrics(tmp))],
+        ["metrics.csv line 3 is not a metrics table", "garbage", "repair"],
+    ),
+    BadArguments(
+        "report_out_below_a_file",
+        lambda prepared, tmp: ["report", str(tmp), "--out", str(_a_file(tmp) / "report.html")],
+        ["cannot write to", "a_file", "(--out)"],
+    ),
+    BadArguments(
+        "presets_write_into_a_file",
+        lambda prepared, tmp: ["presets", "--write", str(_a_file(tmp))],
+        ["--write=", "a_file' is a file, not a directory"],
+    ),
+    BadArguments(
+        "demo_corpus_into_a_file",
+        lambda prepared, tmp: ["demo-corpus", str(_a_file(tmp))],
+        ["DEST=", "a_file' is a file, not a directory"],
+    ),
+    BadArguments(
+        "kjv_corpus_below_a_file",
+        lambda prepared, tmp: ["kjv-corpus", str(_a_file(tmp) / "kjv")],
+        ["cannot write to", "a_file/kjv' (DEST)"],
+    ),
+    BadArguments(
+        "ssmoe_eval_ckpt_path_is_a_directory",
+        lambda prepared, tmp: [*_ssmoe_eval(prepared)[:-1], str(tmp)],
+        ["--ckpt_path=", "is a directory", "sdmoe-train consolidate"],
+    ),
+    BadArguments(
+        "ssmoe_eval_without_blends",
+        lambda prepared, tmp: _ssmoe_eval(prepared, "--blends", "[]"),
+        ["--blends is empty"],
+    ),
+    BadArguments(
+        "ssmoe_eval_limit_val_batches_zero",
+        lambda prepared, tmp: _ssmoe_eval(prepared, "--limit_val_batches", "0"),
+        ["--limit_val_batches=0 must be >= 1"],
+    ),
+    BadArguments(
+        "ssmoe_eval_output_is_a_directory",
+        lambda prepared, tmp: _ssmoe_eval(prepared, "--output", str(tmp)),
+        ["--output=", "is a directory; give a file name"],
+    ),
+    BadArguments(
+        "evaluate_out_is_a_directory",
+        lambda prepared, tmp: _evaluate(prepared, "--out", str(tmp)),
+        ["--out=", "is a directory; give a file name"],
+    ),
+    BadArguments(
+        "evaluate_negative_bootstrap_iters",
+        lambda prepared, tmp: _evaluate(prepared, "--bootstrap_iters", "-1"),
+        ["--bootstrap_iters=-1 must be >= 0"],
+    ),
+    BadArguments(
+        "build_eval_tasks_out_is_a_file",
+        lambda prepared, tmp: ["build-eval-tasks", "--config", str(prepared.recipe), "--out", str(_a_file(tmp))],
+        ["--out=", "a_file' is a file, not a directory"],
+    ),
+    BadArguments(
+        # Without Slurm, scontrol is missing; with it, the id is unknown: either way a message, not a traceback.
+        "requeue_unknown_job",
+        lambda prepared, tmp: ["requeue", "no-such-job", "--no_release"],
+        ["requeue job", "no-such-job"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS, ids=lambda case: case.name)
+def test_bad_subcommand_argument_exits_2_naming_it(
+    case: BadArguments, prepared: Prepared, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = case.argv(prepared, tmp_path)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
