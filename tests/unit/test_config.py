@@ -124,7 +124,6 @@ INVALID_CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
         lambda: MoEConfig(routed_scaling_factor=float("inf")),
         r"moe\.routed_scaling_factor=inf must be positive and finite",
     ),
-    "negative_z_loss_coef": (lambda: MoEConfig(z_loss_coef=-0.1), r"moe\.z_loss_coef=-0\.1 must be >= 0 and finite"),
     "nan_aux_loss_coef": (lambda: MoEConfig(aux_loss_coef=float("nan")), r"moe\.aux_loss_coef=nan must be >= 0"),
     "infinite_seq_aux_loss_coef": (
         lambda: MoEConfig(seq_aux_loss_coef=float("inf")),
