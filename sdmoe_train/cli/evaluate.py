@@ -98,6 +98,8 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     include_path = [path.strip() for path in (config.include_path or "").split(",") if path.strip()]
     if config.limit is not None and config.limit <= 0:
         raise ConfigError(f"--limit={config.limit} must be > 0 (documents per task, or a share below 1)")
+    if config.limit is not None and config.limit >= 1 and config.limit != int(config.limit):
+        raise ConfigError(f"--limit={config.limit}: a count of documents per task must be whole, a share below 1")
     if config.num_fewshot is not None and config.num_fewshot < 0:
         raise ConfigError(f"--num_fewshot={config.num_fewshot} must be >= 0")
     for option in ("batch_size", "max_gen_toks"):
@@ -200,9 +202,12 @@ def load_evaluation_model(
     return module.model.eval()
 
 
-def _check_against_recipe(
-    checkpoint: Any, recipe_arch: TransformerConfig | None, tokenizer: Tokenizer, path: Path
-) -> None:
+def check_module_checkpoint(checkpoint: Any, path: str | Path) -> dict[str, Any]:
+    """The hyper-parameters of a loaded :class:`PretrainModule` checkpoint, which ``load_from_checkpoint`` needs.
+
+    Raises:
+        ConfigError: If ``checkpoint`` has no ``arch`` hyper-parameter or is no Lightning checkpoint.
+    """
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not hparams or "arch" not in hparams:
         raise ConfigError(
@@ -214,6 +219,13 @@ def _check_against_recipe(
             f"--ckpt_path={str(path)!r} is not a Lightning checkpoint (no 'pytorch-lightning_version' entry): "
             "evaluate a checkpoint of `sdmoe-train fit` or the model.ckpt of `sdmoe-train import`"
         )
+    return hparams
+
+
+def _check_against_recipe(
+    checkpoint: Any, recipe_arch: TransformerConfig | None, tokenizer: Tokenizer, path: Path
+) -> None:
+    hparams = check_module_checkpoint(checkpoint, path)
     recorded = (checkpoint.get("sdmoe_train") or {}).get(IDENTITY_KEY) or {}
     saved = {"arch": _arch_fields(hparams["arch"])}
     if "tokenizer" in recorded:  # imported models and old checkpoints record none

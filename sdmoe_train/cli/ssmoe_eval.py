@@ -23,6 +23,7 @@ from jsonargparse import ArgumentParser
 from torch import Tensor
 
 from sdmoe_train.checkpointing.manifest import checkpoint_problem
+from sdmoe_train.cli.evaluate import check_module_checkpoint
 from sdmoe_train.cli.outputs import check_output_file
 from sdmoe_train.cli.recipe import recipe_data_parser
 from sdmoe_train.errors import ConfigError
@@ -151,6 +152,9 @@ def run(argv: list[str]) -> list[dict[str, float]]:
         SSMoEConfig(c=blend)  # validates the range with the usual message
     parsed = parser.instantiate(config)
     ssmoe = dataclasses.replace(parsed.ssmoe, enabled=True, c=0.0)
+    check_module_checkpoint(
+        torch.load(config.ckpt_path, map_location="cpu", weights_only=False, mmap=True), config.ckpt_path
+    )
     module = PretrainModule.load_from_checkpoint(config.ckpt_path, map_location="cpu", ssmoe=ssmoe)
     module.eval()
     datamodule = parsed.data

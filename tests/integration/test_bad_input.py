@@ -127,6 +127,15 @@ def _all_checkpoints_damaged(prepared: Prepared, tmp_path: Path) -> list[str]:
     return ["--config", str(recipe)]
 
 
+def _torch_file(tmp_path: Path, name: str, content: str) -> Path:
+    """A complete ``torch.save`` archive that is no training checkpoint: a tensor, or a dict without its entries."""
+    import torch
+
+    path = tmp_path / name
+    torch.save(torch.zeros(3) if content == "tensor" else {"weights": torch.zeros(3)}, path)
+    return path
+
+
 def _corpus_pattern(prepared: Prepared) -> str:
     return yaml.safe_load(prepared.recipe.read_text())["data"]["corpus"]["data_files"][0]
 
@@ -465,6 +474,11 @@ BAD_INPUTS = [
     # Lightning's own checks of the trainer section: a message, not its MisconfigurationException traceback.
     BadInput("max_steps_below_minus_one", ["--trainer.max_steps=-2"], ["invalid trainer setting", "max_steps"]),
     BadInput("limit_val_batches_negative", ["--trainer.limit_val_batches=-1"], ["invalid trainer setting", "-1"]),
+    BadInput(
+        "ckpt_path_of_a_saved_tensor",
+        expected=["tensor.ckpt holds a Tensor, not a training checkpoint"],
+        setup=lambda prepared, tmp: [f"--ckpt_path={_torch_file(tmp, 'tensor.ckpt', 'tensor')}"],
+    ),
 ]
 
 
@@ -723,6 +737,11 @@ BAD_ARGUMENTS = [
         ["--ckpt_path=", "is a directory", "sdmoe-train consolidate"],
     ),
     BadArguments(
+        "ssmoe_eval_not_a_lightning_checkpoint",
+        lambda prepared, tmp: [*_ssmoe_eval(prepared)[:-1], str(_torch_file(tmp, "weights.ckpt", "dict"))],
+        ["weights.ckpt' has no model architecture", "sdmoe-train fit"],
+    ),
+    BadArguments(
         "ssmoe_eval_without_blends",
         lambda prepared, tmp: _ssmoe_eval(prepared, "--blends", "[]"),
         ["--blends is empty"],
@@ -741,6 +760,11 @@ BAD_ARGUMENTS = [
         "evaluate_out_is_a_directory",
         lambda prepared, tmp: _evaluate(prepared, "--out", str(tmp)),
         ["--out=", "is a directory; give a file name"],
+    ),
+    BadArguments(
+        "evaluate_fractional_limit_above_one",
+        lambda prepared, tmp: _evaluate(prepared, "--limit", "1.5"),
+        ["--limit=1.5: a count of documents per task must be whole"],
     ),
     BadArguments(
         "evaluate_negative_bootstrap_iters",
