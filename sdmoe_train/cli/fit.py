@@ -30,7 +30,7 @@ from sdmoe_train.checkpointing.resume import (
 from sdmoe_train.checkpointing.run_directory import check_writable, derive_run_paths
 from sdmoe_train.checkpointing.run_lock import RunLock, acquire_run_lock
 from sdmoe_train.checkpointing.wandb_run_id import persist_wandb_run_id
-from sdmoe_train.cli.trainer_checks import check_trainer_settings
+from sdmoe_train.cli.trainer_checks import check_logger_folders, check_trainer_settings
 from sdmoe_train.data import PretrainDataModule
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.callbacks import NonFiniteGuard, PreemptionHandler
@@ -89,6 +89,7 @@ class PretrainCLI(LightningCLI):
         check_trainer_settings(config.trainer)
         check_sequence_length(config.data.corpus.seq_len, config.model.arch.max_seq_len)
         self._run_dir = derive_run_paths(config.trainer)
+        check_logger_folders(config.trainer)
         if self.subcommand == "fit":
             persist_wandb_run_id(config.trainer)
 

@@ -2,8 +2,9 @@
 
 Lightning validates most ``Trainer`` arguments when it is built (those errors are reported as bad input by
 :mod:`.fit`), but not these: ``accumulate_grad_batches: 0`` or ``val_check_interval: 0`` end in a
-``ZeroDivisionError`` inside the training loop, and a negative ``gradient_clip_val`` silently flips the sign
-of every gradient (``clip_grad_norm_`` scales by ``max_norm / norm``).
+``ZeroDivisionError`` inside the training loop, a negative ``gradient_clip_val`` silently flips the sign of
+every gradient (``clip_grad_norm_`` scales by ``max_norm / norm``), and a logger folder that cannot be
+written fails only after the model and data are built.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from sdmoe_train.checkpointing.run_directory import check_writable
 from sdmoe_train.errors import ConfigError
 
 
@@ -45,3 +47,17 @@ def check_trainer_settings(trainer: Any) -> None:
         value = getattr(trainer, name)
         if value is not None and value < lowest:
             raise ConfigError(f"trainer.{name}={value} must be >= {lowest}")
+
+
+def check_logger_folders(trainer: Any) -> None:
+    """Creates every configured logger's ``save_dir`` and checks it is writable (after the run paths are derived).
+
+    Raises:
+        ConfigError: Naming the logger's class and folder.
+    """
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    for logger in loggers:
+        init_args = getattr(logger, "init_args", None)
+        save_dir = init_args.get("save_dir") if init_args is not None else None
+        if save_dir:
+            check_writable(save_dir, f"trainer.logger {logger.class_path.rsplit('.', 1)[-1]} save_dir")

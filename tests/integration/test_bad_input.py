@@ -475,6 +475,14 @@ BAD_INPUTS = [
     BadInput("max_steps_below_minus_one", ["--trainer.max_steps=-2"], ["invalid trainer setting", "max_steps"]),
     BadInput("limit_val_batches_negative", ["--trainer.limit_val_batches=-1"], ["invalid trainer setting", "-1"]),
     BadInput(
+        "logger_save_dir_below_a_file",
+        expected=["cannot write to", "(trainer.logger CSVLogger save_dir): Not a directory"],
+        setup=lambda prepared, tmp: [
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={_garbage_file(tmp, 'a_file') / 'logs'}",
+        ],
+    ),
+    BadInput(
         "ckpt_path_of_a_saved_tensor",
         expected=["tensor.ckpt holds a Tensor, not a training checkpoint"],
         setup=lambda prepared, tmp: [f"--ckpt_path={_torch_file(tmp, 'tensor.ckpt', 'tensor')}"],
@@ -775,6 +783,16 @@ BAD_ARGUMENTS = [
         "build_eval_tasks_out_is_a_file",
         lambda prepared, tmp: ["build-eval-tasks", "--config", str(prepared.recipe), "--out", str(_a_file(tmp))],
         ["--out=", "a_file' is a file, not a directory"],
+    ),
+    BadArguments(
+        "consolidate_damaged_rank_file",
+        lambda prepared, tmp: ["consolidate", str(_garbage_file(tmp, "rank_00000.pt").parent), str(tmp / "out.ckpt")],
+        ["cannot consolidate", "rank_00000.pt is not a complete torch checkpoint archive"],
+    ),
+    BadArguments(
+        "consolidate_out_below_a_file",
+        lambda prepared, tmp: ["consolidate", str(tmp), str(_a_file(tmp) / "out.ckpt")],
+        ["cannot write to", "a_file' (OUT.ckpt)"],
     ),
     BadArguments(
         # Without Slurm, scontrol is missing; with it, the id is unknown: either way a message, not a traceback.
