@@ -611,6 +611,19 @@ BAD_SUBCOMMAND_INPUTS = [
         ["another OUT_DIR"],
     ),
     BadSubcommandInput(
+        "import_upcycle_top_k_above_experts",
+        lambda exported, tmp: [
+            "import",
+            str(exported / "hf"),
+            str(tmp / "out"),
+            "--upcycle_experts",
+            "2",
+            "--upcycle_top_k",
+            "3",
+        ],
+        ["--upcycle_top_k=3 must lie in [1, --upcycle_experts=2]"],
+    ),
+    BadSubcommandInput(
         "export_truncated_checkpoint",
         lambda exported, tmp: [
             "export",
