@@ -483,6 +483,11 @@ BAD_INPUTS = [
         ],
     ),
     BadInput(
+        "ckpt_path_is_a_plain_directory",
+        expected=["is a directory but no sharded checkpoint", "rank_00000.pt"],
+        setup=lambda prepared, tmp: [f"--ckpt_path={tmp}"],
+    ),
+    BadInput(
         "ckpt_path_of_a_saved_tensor",
         expected=["tensor.ckpt holds a Tensor, not a training checkpoint"],
         setup=lambda prepared, tmp: [f"--ckpt_path={_torch_file(tmp, 'tensor.ckpt', 'tensor')}"],
