@@ -27,6 +27,7 @@ from sdmoe_train.data.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.evaluation import require_lm_eval
 from sdmoe_train.evaluation.isolation import autocast_dtype, preserved_rng_state
+from sdmoe_train.evaluation.options import check_run_options
 from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.models.config import TransformerConfig
 from sdmoe_train.models.transformer import Transformer
@@ -96,17 +97,14 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     config = parser.parse_args(argv)
     tasks = [name.strip() for name in config.tasks.split(",") if name.strip()]
     include_path = [path.strip() for path in (config.include_path or "").split(",") if path.strip()]
-    if config.limit is not None and config.limit <= 0:
-        raise ConfigError(f"--limit={config.limit} must be > 0 (documents per task, or a share below 1)")
-    if config.limit is not None and config.limit >= 1 and config.limit != int(config.limit):
-        raise ConfigError(f"--limit={config.limit}: a count of documents per task must be whole, a share below 1")
-    if config.num_fewshot is not None and config.num_fewshot < 0:
-        raise ConfigError(f"--num_fewshot={config.num_fewshot} must be >= 0")
-    for option in ("batch_size", "max_gen_toks"):
-        if config[option] < 1:
-            raise ConfigError(f"--{option}={config[option]} must be >= 1")
-    if config.bootstrap_iters < 0:
-        raise ConfigError(f"--bootstrap_iters={config.bootstrap_iters} must be >= 0 (0: no standard errors)")
+    check_run_options(
+        "--",
+        limit=config.limit,
+        num_fewshot=config.num_fewshot,
+        batch_size=config.batch_size,
+        max_gen_toks=config.max_gen_toks,
+        bootstrap_iters=config.bootstrap_iters,
+    )
     if config.out is not None:
         check_output_file(config.out, "--out")
     device = _device(config.device)

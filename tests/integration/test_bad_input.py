@@ -483,6 +483,22 @@ BAD_INPUTS = [
         ],
     ),
     BadInput(
+        "downstream_evaluation_negative_fewshot",
+        [
+            "--trainer.callbacks+=sdmoe_train.lightning.callbacks.DownstreamEvaluation",
+            "--trainer.callbacks.num_fewshot=-1",
+        ],
+        ["DownstreamEvaluation.num_fewshot=-1 must be >= 0"],
+    ),
+    BadInput(
+        "downstream_evaluation_fractional_limit",
+        [
+            "--trainer.callbacks+=sdmoe_train.lightning.callbacks.DownstreamEvaluation",
+            "--trainer.callbacks.limit=2.5",
+        ],
+        ["DownstreamEvaluation.limit=2.5: a count of documents per task must be whole"],
+    ),
+    BadInput(
         "ckpt_path_is_a_plain_directory",
         expected=["is a directory but no sharded checkpoint", "rank_00000.pt"],
         setup=lambda prepared, tmp: [f"--ckpt_path={tmp}"],

@@ -10,6 +10,7 @@ import pytest
 from sdmoe_train.cli.outputs import check_output_directory, check_output_file
 from sdmoe_train.cli.trainer_checks import check_trainer_settings
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.evaluation.options import check_run_options
 
 LIGHTNING_DEFAULTS = {
     "accumulate_grad_batches": 1,
@@ -80,3 +81,27 @@ def test_output_file_must_not_be_a_directory_nor_lie_below_a_file(tmp_path: Path
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=r"cannot write to '.*file' \(--output\)"):
         check_output_file(tmp_path / "file" / "out.json", "--output")
+
+
+GOOD_RUN_OPTIONS = {"limit": None, "num_fewshot": None, "batch_size": 16, "max_gen_toks": 256, "bootstrap_iters": 0}
+
+
+@pytest.mark.parametrize("limit", [None, 0.5, 1, 3.0, 40])
+def test_lm_eval_limits_that_lm_eval_reads_as_meant_pass(limit: float | None) -> None:
+    check_run_options("--", **{**GOOD_RUN_OPTIONS, "limit": limit})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"limit": 0}, "--limit=0 must be > 0"),
+        ({"limit": 1.5}, "--limit=1.5: a count of documents per task must be whole"),
+        ({"num_fewshot": -1}, "--num_fewshot=-1 must be >= 0"),
+        ({"batch_size": 0}, "--batch_size=0 must be >= 1"),
+        ({"max_gen_toks": 0}, "--max_gen_toks=0 must be >= 1"),
+        ({"bootstrap_iters": -5}, "--bootstrap_iters=-5 must be >= 0"),
+    ],
+)
+def test_lm_eval_options_it_would_misread_are_refused(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        check_run_options("--", **{**GOOD_RUN_OPTIONS, **changes})
