@@ -530,19 +530,23 @@ def test_there_are_at_least_twenty_bad_input_cases() -> None:
     assert len({case.name for case in BAD_INPUTS}) == len(BAD_INPUTS) >= 20
 
 
+def assert_exits_2_naming(argv: list[str], expected: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs ``sdmoe-train argv`` and checks that it exits with code 2 and every expected phrase on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2, error[-2000:]
+    for phrase in expected:
+        assert phrase in error, f"{phrase!r} missing from:\n{error[-2000:]}"
+
+
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda case: case.name)
 def test_bad_input_fails_fast_naming_problem_and_fix(
     case: BadInput, prepared: Prepared, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     extra = case.setup(prepared, tmp_path) if case.setup else []
-    capsys.readouterr()
-    argv = ["fit", "--config", str(prepared.recipe), *case.args, *extra]
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 2, error[-2000:]
-    for phrase in case.expected:
-        assert phrase in error, f"{phrase!r} missing from:\n{error[-2000:]}"
+    assert_exits_2_naming(["fit", "--config", str(prepared.recipe), *case.args, *extra], case.expected, capsys)
     losses = prepared.root / "run" / "losses_rank0.txt"
     assert max(int(line.split()[0]) for line in losses.read_text().splitlines()) == 2, "a training step ran"
 
@@ -696,14 +700,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_bad_export_or_import_input_exits_2_naming_the_file(
     case: BadSubcommandInput, exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = case.damage(exported, tmp_path)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 2, error[-2000:]
-    for phrase in case.expected:
-        assert phrase in error, f"{phrase!r} missing from:\n{error[-2000:]}"
+    assert_exits_2_naming(case.damage(exported, tmp_path), case.expected, capsys)
 
 
 # --- the other subcommands: their arguments and output paths --------------------------------------------
@@ -841,11 +838,4 @@ BAD_ARGUMENTS = [
 def test_bad_subcommand_argument_exits_2_naming_it(
     case: BadArguments, prepared: Prepared, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = case.argv(prepared, tmp_path)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 2, error[-2000:]
-    for phrase in case.expected:
-        assert phrase in error, f"{phrase!r} missing from:\n{error[-2000:]}"
+    assert_exits_2_naming(case.argv(prepared, tmp_path), case.expected, capsys)
