@@ -6,14 +6,14 @@ otherwise fail with an ``OSError`` traceback at the end, after the evaluation or
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from sdmoe_train.checkpointing.run_directory import check_writable
 from sdmoe_train.errors import ConfigError
 
 
 def check_output_directory(path: str | Path, option: str) -> Path:
-    """Creates the directory ``path`` if needed and checks that files can be written in it.
+    """Checks that the directory ``path`` exists or can be created, and that this user can write in it.
 
     Raises:
         ConfigError: Naming ``option`` and the path when it is a file, lies below a file or is not writable.
@@ -21,12 +21,12 @@ def check_output_directory(path: str | Path, option: str) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option}={str(path)!r} is a file, not a directory; give a directory to write into")
-    check_writable(path, option)
+    check_creatable_directory(path, option)
     return path
 
 
 def check_output_file(path: str | Path, option: str) -> Path:
-    """Checks that the file ``path`` can be written (its folder is created if needed).
+    """Checks that the file ``path`` can be written: not a directory, in a folder that exists or can be created.
 
     Raises:
         ConfigError: Naming ``option`` and the path when it is a directory, or its folder cannot be written.
@@ -34,5 +34,27 @@ def check_output_file(path: str | Path, option: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{option}={str(path)!r} is a directory; give a file name (e.g. {path / 'out.json'})")
-    check_writable(path.parent, option)
+    check_creatable_directory(path.parent, option)
     return path
+
+
+def check_creatable_directory(path: str | Path, setting: str) -> None:
+    """Checks, without creating anything, that the directory ``path`` exists or can be created by this user.
+
+    Nothing is created, so a command refused for another reason afterwards leaves no folder behind.
+
+    Raises:
+        ConfigError: Naming ``setting`` when ``path`` or its nearest existing ancestor is a file, or that
+            ancestor is not writable.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write to {str(path)!r} ({setting}): {existing} is a file; choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"cannot write to {str(path)!r} ({setting}): {existing} is not writable for this user; choose another "
+            "folder"
+        )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sdmoe_train.checkpointing.run_directory import check_writable
+from sdmoe_train.cli.outputs import check_creatable_directory
 from sdmoe_train.errors import ConfigError
 
 
@@ -50,7 +50,7 @@ def check_trainer_settings(trainer: Any) -> None:
 
 
 def check_logger_folders(trainer: Any) -> None:
-    """Creates every configured logger's ``save_dir`` and checks it is writable (after the run paths are derived).
+    """Checks that every configured logger's ``save_dir`` can be written (after the run paths are derived).
 
     Raises:
         ConfigError: Naming the logger's class and folder.
@@ -60,4 +60,4 @@ def check_logger_folders(trainer: Any) -> None:
         init_args = getattr(logger, "init_args", None)
         save_dir = init_args.get("save_dir") if init_args is not None else None
         if save_dir:
-            check_writable(save_dir, f"trainer.logger {logger.class_path.rsplit('.', 1)[-1]} save_dir")
+            check_creatable_directory(save_dir, f"trainer.logger {logger.class_path.rsplit('.', 1)[-1]} save_dir")

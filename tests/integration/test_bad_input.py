@@ -476,7 +476,7 @@ BAD_INPUTS = [
     BadInput("limit_val_batches_negative", ["--trainer.limit_val_batches=-1"], ["invalid trainer setting", "-1"]),
     BadInput(
         "logger_save_dir_below_a_file",
-        expected=["cannot write to", "(trainer.logger CSVLogger save_dir): Not a directory"],
+        expected=["cannot write to", "(trainer.logger CSVLogger save_dir):", "a_file is a file"],
         setup=lambda prepared, tmp: [
             "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
             f"--trainer.logger.save_dir={_garbage_file(tmp, 'a_file') / 'logs'}",

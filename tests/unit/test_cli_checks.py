@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sdmoe_train.cli.outputs import check_output_directory, check_output_file
+from sdmoe_train.cli.outputs import check_creatable_directory, check_output_directory, check_output_file
 from sdmoe_train.cli.trainer_checks import check_trainer_settings
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.evaluation.options import check_run_options
@@ -62,25 +62,36 @@ def test_trainer_settings_that_fail_in_the_training_loop_are_refused(changes: di
         check_trainer_settings(_trainer(**changes))
 
 
-def test_output_directory_is_created_and_checked(tmp_path: Path) -> None:
+def test_output_paths_are_checked_without_creating_anything(tmp_path: Path) -> None:
     assert check_output_directory(tmp_path / "a" / "b", "--out") == tmp_path / "a" / "b"
-    assert (tmp_path / "a" / "b").is_dir()
-    assert list((tmp_path / "a" / "b").iterdir()) == [], "the write test left a file behind"
+    assert check_output_file(tmp_path / "new" / "out.json", "--output") == tmp_path / "new" / "out.json"
+    assert list(tmp_path.iterdir()) == [], "a command refused afterwards would leave these folders behind"
+
+
+def test_output_directory_must_not_be_nor_lie_below_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=r"--out='.*file' is a file, not a directory"):
         check_output_directory(tmp_path / "file", "--out")
-    with pytest.raises(ConfigError, match=r"cannot write to '.*file/below' \(--out\): Not a directory"):
+    with pytest.raises(ConfigError, match=r"cannot write to '.*file/below' \(--out\): .*file is a file"):
         check_output_directory(tmp_path / "file" / "below", "--out")
 
 
 def test_output_file_must_not_be_a_directory_nor_lie_below_a_file(tmp_path: Path) -> None:
-    assert check_output_file(tmp_path / "new" / "out.json", "--output") == tmp_path / "new" / "out.json"
-    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "out.json").exists()
-    with pytest.raises(ConfigError, match=r"--output='.*new' is a directory; give a file name"):
-        check_output_file(tmp_path / "new", "--output")
+    with pytest.raises(ConfigError, match=r"--output='.*' is a directory; give a file name"):
+        check_output_file(tmp_path, "--output")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match=r"cannot write to '.*file' \(--output\)"):
+    with pytest.raises(ConfigError, match=r"cannot write to '.*file' \(--output\): .*file is a file"):
         check_output_file(tmp_path / "file" / "out.json", "--output")
+
+
+def test_a_directory_still_to_be_created_is_checked_without_creating_it(tmp_path: Path) -> None:
+    check_creatable_directory(tmp_path / "run" / "logs", "trainer.logger CSVLogger save_dir")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"cannot write to '.*file/logs' \(save_dir\): .*file is a file"):
+        check_creatable_directory(tmp_path / "file" / "logs", "save_dir")
+    with pytest.raises(ConfigError, match=r"file is a file"):
+        check_creatable_directory(tmp_path / "file", "save_dir")
 
 
 GOOD_RUN_OPTIONS = {"limit": None, "num_fewshot": None, "batch_size": 16, "max_gen_toks": 256, "bootstrap_iters": 0}
