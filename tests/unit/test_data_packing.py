@@ -39,8 +39,11 @@ def test_every_token_but_the_first_is_a_target_exactly_once() -> None:
 
 def test_index_out_of_range_raises() -> None:
     blocks = PackedBlocks(np.arange(21), 10)
-    with pytest.raises(IndexError):
-        blocks[2]
+    assert blocks[1].tolist() == list(range(10, 21))
+    for index in (2, -1):
+        # A negative index must not wrap around: numpy would slice a short or empty example from the end.
+        with pytest.raises(IndexError, match=rf"example {index} out of range for 2 \w+ examples"):
+            blocks[index]
 
 
 @pytest.mark.parametrize(
