@@ -33,7 +33,8 @@ def test_an_atomic_write_fsyncs_the_file_and_then_its_directory(
 def test_a_failed_atomic_write_leaves_the_previous_file_and_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "model.ckpt"
     target.write_text("previous")
-    with pytest.raises(RuntimeError), atomic_path(target) as temp:
+    # The caller's own error must come out unchanged, not one raised by the cleanup.
+    with pytest.raises(RuntimeError, match="^disk full$"), atomic_path(target) as temp:
         temp.write_text("half")
         raise RuntimeError("disk full")
     assert target.read_text() == "previous"
