@@ -12,6 +12,8 @@ import torch
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.models import presets
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
+from sdmoe_train.models.flops import training_flops_per_token
+from sdmoe_train.models.parameters import count_parameters
 
 INVALID_CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
     "top_k_above_num_experts": (
@@ -176,8 +178,12 @@ def test_boundary_settings_are_accepted(build: Callable[[], object]) -> None:
 
 
 def test_mla_ignores_num_kv_heads() -> None:
-    config = AttentionConfig(num_heads=8, num_kv_heads=3, mla=MLAConfig())
-    assert config.mla is not None
+    def mla_model(num_kv_heads: int) -> TransformerConfig:
+        # 3 does not divide 8 heads: only GQA validates the setting.
+        return TransformerConfig(attention=AttentionConfig(num_heads=8, num_kv_heads=num_kv_heads, mla=MLAConfig()))
+
+    assert count_parameters(mla_model(3)) == count_parameters(mla_model(8))
+    assert training_flops_per_token(mla_model(3), 64) == training_flops_per_token(mla_model(8), 64)
 
 
 def test_divisor_hint_lists_the_valid_group_counts() -> None:

@@ -412,7 +412,7 @@ def test_update_routing_biases_rejects_a_row_count_other_than_the_moe_layers(
     model = Transformer(tiny_config)
     counts = torch.ones(_num_moe_layers(tiny_config) + 1, tiny_config.moe.num_experts, dtype=torch.long)
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"zip\(\) argument 2 is longer than argument 1"):
         model.update_routing_biases(counts)
 
 
