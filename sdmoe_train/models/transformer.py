@@ -239,8 +239,17 @@ class Transformer(nn.Module):
         Args:
             tokens_per_expert_LE: selected copies per expert since the last optimizer step, summed over
                 micro-batches and data-parallel ranks (rows follow :meth:`moe_layers` order).
+
+        Raises:
+            ValueError: ``tokens_per_expert_LE`` has a row count other than the MoE layers'; no bias changes.
         """
-        for (_, layer), counts_E in zip(self.moe_layers(), tokens_per_expert_LE, strict=True):
+        layers = [layer for _, layer in self.moe_layers()]
+        if tokens_per_expert_LE.shape[0] != len(layers):
+            raise ValueError(
+                f"update_routing_biases: {tokens_per_expert_LE.shape[0]} rows of expert counts for {len(layers)} "
+                "MoE layers"
+            )
+        for layer, counts_E in zip(layers, tokens_per_expert_LE, strict=True):
             layer.router.update_bias(counts_E)
 
     @torch.no_grad()

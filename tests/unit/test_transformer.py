@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -409,11 +410,15 @@ def test_update_routing_biases_moves_each_layer_bias_by_the_sign_of_its_load_err
 def test_update_routing_biases_rejects_a_row_count_other_than_the_moe_layers(
     tiny_config: TransformerConfig,
 ) -> None:
-    model = Transformer(tiny_config)
-    counts = torch.ones(_num_moe_layers(tiny_config) + 1, tiny_config.moe.num_experts, dtype=torch.long)
+    config = dataclasses.replace(tiny_config, moe=dataclasses.replace(tiny_config.moe, bias_update_rate=0.01))
+    model = Transformer(config)
+    num_layers = _num_moe_layers(config)
+    # Uneven loads, so that an update would move every layer's bias.
+    counts = torch.arange(config.moe.num_experts).repeat(num_layers + 1, 1)
 
-    with pytest.raises(ValueError, match=r"zip\(\) argument 2 is longer than argument 1"):
+    with pytest.raises(ValueError, match=rf"{num_layers + 1} rows of expert counts for {num_layers} MoE layers"):
         model.update_routing_biases(counts)
+    assert all(not layer.router.selection_bias.any() for _, layer in model.moe_layers()), "no bias may change"
 
 
 # --- meta device -----------------------------------------------------------------------------------
