@@ -110,6 +110,11 @@ def received(signum: signal.Signals) -> bool:
     return _received.get(signum, 0) > 0
 
 
+def holding() -> bool:
+    """Whether any signal is held as a flag (every rank of a run holds the same ones)."""
+    return bool(_held)
+
+
 def pending_stop() -> signal.Signals | None:
     """A held signal that has arrived (the first to arrive), or None."""
     return next((signal.Signals(signum) for signum in list(_received) if signum in _held), None)

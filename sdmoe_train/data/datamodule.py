@@ -254,8 +254,9 @@ class PretrainDataModule(L.LightningDataModule):
         else:
             pending = signals.pending_stop()
             request = None if pending is None else (int(pending), "start-up")
-        if self.trainer is not None:
+        if self.trainer is not None and signals.holding():
             # A collective: the ranks agree, so none is left waiting in one that the others never enter.
+            # Every rank of a run holds the same signals, so they all take this branch or none does.
             request = next((r for r in all_gather_objects(self.trainer, request) if r is not None), None)
         if request is not None:
             self._interrupted = None

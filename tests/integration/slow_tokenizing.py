@@ -1,13 +1,14 @@
 """`sdmoe-train` whose tokenizing takes ten minutes per batch, for tests that signal a run while it prepares data.
 
-``python -m tests.integration.slow_tokenizing DIR fit|prepare ...``: each tokenizing process (the main one, or
-each of ``data.corpus.num_proc`` workers) first touches ``DIR/<its pid>``, so a test knows when they all work.
+``SLOW_TOKENIZING_DIR=DIR python -m tests.integration.slow_tokenizing fit|prepare ...``: each tokenizing process
+(the main one, or each of ``data.corpus.num_proc`` workers) first touches ``DIR/<its pid>``, so a test knows
+when they all work. The directory comes from the environment so that DDP ranks started from this script's
+command line see it too.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,5 @@ def slow_encode_batch(batch: dict, tokenizer: object, eos_id: int) -> dict:
 
 
 if __name__ == "__main__":
-    os.environ["SLOW_TOKENIZING_DIR"] = sys.argv.pop(1)
     cache._encode_batch = slow_encode_batch
     main()

@@ -25,10 +25,11 @@ PROMPT_SECONDS = 20
 
 def _start_slow(markers: Path, command: list[str], log: Path) -> subprocess.Popen:
     markers.mkdir()
-    script = [sys.executable, "-m", "tests.integration.slow_tokenizing", str(markers), *command]
+    script = [sys.executable, "-m", "tests.integration.slow_tokenizing", *command]
+    environment = {**subprocess_env(), "SLOW_TOKENIZING_DIR": str(markers)}
     with open(log, "wb") as output:
         return subprocess.Popen(
-            script, cwd=REPO, env=subprocess_env(), stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            script, cwd=REPO, env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
 
 
@@ -51,9 +52,14 @@ def _is_running(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("whom", ["process_group", "main_process"])
-def test_scancel_while_fit_tokenizes_stops_within_seconds_and_a_rerun_completes(tmp_path: Path, whom: str) -> None:
-    recipe = write_tiny_recipe(tmp_path, max_steps=2)
+@pytest.mark.parametrize(
+    ("whom", "devices"), [("process_group", 1), ("main_process", 1), ("process_group", 2)], ids=["group", "main", "ddp"]
+)
+def test_scancel_while_fit_tokenizes_stops_within_seconds_and_a_rerun_completes(
+    tmp_path: Path, whom: str, devices: int
+) -> None:
+    # With 2 DDP ranks, rank 1 waits in Lightning's barrier while rank 0 tokenizes; both must stop together.
+    recipe = write_tiny_recipe(tmp_path, max_steps=2, devices=devices)
     shutil.rmtree(tmp_path / "cache")
     log = tmp_path / "fit.log"
     command = ["fit", "--config", str(recipe), f"--data.corpus.num_proc={NUM_PROC}"]
@@ -72,7 +78,8 @@ def test_scancel_while_fit_tokenizes_stops_within_seconds_and_a_rerun_completes(
         raise AssertionError(f"still running {PROMPT_SECONDS} s after SIGTERM:\n{log.read_text()}") from None
     output = log.read_text()
     assert code == 0, output  # the exit code of a run a signal stopped during training
-    assert "stopped before training: SIGTERM received: data preparation interrupted" in output
+    # Every rank says so: none failed in a collective that another had left.
+    assert output.count("stopped before training: SIGTERM received: data preparation interrupted") == devices
     print(f"exited {time.monotonic() - signalled:.1f} s after SIGTERM")
     assert not any(_is_running(pid) for pid in workers), "a tokenizing worker outlived the run"
     assert list((tmp_path / "cache").iterdir()) == [], "a partial token cache was left behind"
