@@ -20,6 +20,9 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+DATA_PREPARATION = "data preparation"
+"""What :func:`interruptible` blocks that tokenize say they do (the message then mentions the token cache)."""
+
 _received: dict[int, int] = {}
 """Signal number -> times received since :func:`install_signal_flags` (written by the handler only)."""
 _held: set[int] = set()

@@ -195,8 +195,8 @@ def run(argv: list[str] | None, epilog: str) -> None:
     training.
     """
     arguments = sys.argv[1:] if argv is None else argv
-    held = [signal.SIGUSR1, signal.SIGTERM]
-    replaced = signals.install_signal_flags(held) if arguments[:1] == ["fit"] else {}
+    held = [signal.SIGUSR1, signal.SIGTERM] if arguments[:1] == ["fit"] else []
+    replaced = signals.install_signal_flags(held)
     try:
         PretrainCLI(
             PretrainModule,
@@ -210,10 +210,9 @@ def run(argv: list[str] | None, epilog: str) -> None:
     except signals.StopRequested as stop:
         # A clean stop, like one during training (exit 0; PreemptionHandler has requeued for the requeue
         # signal): the interrupted work left nothing half-written and is redone by the next run.
-        print(
-            f"sdmoe-train: stopped before training: {stop}; nothing was trained or saved, and no partial "
-            "token cache is kept (the next run prepares the data again)",
-            file=sys.stderr,
-        )
+        message = f"stopped before training: {stop}; nothing was trained or saved" if held else f"stopped: {stop}"
+        if stop.during == signals.DATA_PREPARATION:
+            message += ", and no partial token cache is kept (the next run prepares the data again)"
+        print(f"sdmoe-train: {message}", file=sys.stderr)
     finally:
         signals.restore_signal_handlers(replaced)

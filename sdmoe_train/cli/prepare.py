@@ -39,7 +39,7 @@ def run(argv: list[str]) -> None:
     """``sdmoe-train prepare``: tokenizer training and token-cache (or prepared-data) building."""
     replaced = signals.install_signal_flags([signal.SIGTERM, signal.SIGUSR1])
     try:
-        with signals.interruptible("data preparation"):
+        with signals.interruptible(signals.DATA_PREPARATION):
             _prepare(argv)
     except signals.StopRequested as stop:
         print(

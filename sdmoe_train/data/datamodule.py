@@ -178,7 +178,7 @@ class PretrainDataModule(L.LightningDataModule):
             ConfigError: If the tokenizer or the data files are missing, or prepared data does not fit.
         """
         try:
-            with signals.interruptible("data preparation"):
+            with signals.interruptible(signals.DATA_PREPARATION):
                 tokenizer = self.tokenizer
                 if self.corpus.streaming:
                     self.corpus.resolve_files()
@@ -198,7 +198,7 @@ class PretrainDataModule(L.LightningDataModule):
                 (checked here so that ``prepare`` fails, not the run that follows it).
             StopRequested: A held preemption signal interrupted the tokenizing (nothing half-built is kept).
         """
-        with signals.interruptible("data preparation"):
+        with signals.interruptible(signals.DATA_PREPARATION):
             token_data = build_token_data(self.corpus, self.sources, self.tokenizer, self.prepared_dir)
         for name, cache in token_data.items():
             validation_blocks(self.corpus, cache, name if self.is_mixture else None)

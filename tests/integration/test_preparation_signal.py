@@ -44,6 +44,22 @@ def _wait_for_workers(markers: Path, process: subprocess.Popen, log: Path) -> li
     raise AssertionError(f"{NUM_PROC} tokenizing workers did not start within 300 s")
 
 
+def _exit_code_soon(process: subprocess.Popen, log: Path) -> int:
+    """The exit code of ``process`` if it ends within :data:`PROMPT_SECONDS`; else it is killed and the test fails."""
+    try:
+        return process.wait(timeout=PROMPT_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"still running {PROMPT_SECONDS} s after SIGTERM:\n{log.read_text()}") from None
+
+
+def _run_to_the_end(command: list[str]) -> str:
+    """Runs ``command`` (tokenizing at full speed) and returns its output; it must succeed."""
+    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
 def _is_running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -71,11 +87,7 @@ def test_scancel_while_fit_tokenizes_stops_within_seconds_and_a_rerun_completes(
         os.killpg(process.pid, signal.SIGTERM)
     else:
         os.kill(process.pid, signal.SIGTERM)
-    try:
-        code = process.wait(timeout=PROMPT_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise AssertionError(f"still running {PROMPT_SECONDS} s after SIGTERM:\n{log.read_text()}") from None
+    code = _exit_code_soon(process, log)
     output = log.read_text()
     assert code == 0, output  # the exit code of a run a signal stopped during training
     # Every rank says so: none failed in a collective that another had left.
@@ -85,15 +97,7 @@ def test_scancel_while_fit_tokenizes_stops_within_seconds_and_a_rerun_completes(
     assert list((tmp_path / "cache").iterdir()) == [], "a partial token cache was left behind"
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists(), "the run trained after the signal"
 
-    rerun = subprocess.run(
-        [*fit_command(recipe), f"--data.corpus.num_proc={NUM_PROC}"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    _run_to_the_end([*fit_command(recipe), f"--data.corpus.num_proc={NUM_PROC}"])
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
 
@@ -106,23 +110,12 @@ def test_scancel_while_prepare_tokenizes_exits_143_and_a_rerun_completes(tmp_pat
     )
     workers = _wait_for_workers(tmp_path / "markers", process, log)
     os.kill(process.pid, signal.SIGTERM)
-    try:
-        code = process.wait(timeout=PROMPT_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise AssertionError(f"still running {PROMPT_SECONDS} s after SIGTERM:\n{log.read_text()}") from None
+    code = _exit_code_soon(process, log)
     output = log.read_text()
     assert code == 128 + signal.SIGTERM, output  # as a shell reports a command a signal ended
     assert "SIGTERM received: data preparation interrupted" in output
     assert not any(_is_running(pid) for pid in workers), "a tokenizing worker outlived prepare"
     assert list((tmp_path / "cache").iterdir()) == [], "a partial token cache was left behind"
 
-    rerun = subprocess.run(
-        [sys.executable, "-m", "sdmoe_train.cli", "prepare", "--config", str(recipe)],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert rerun.returncode == 0 and "token cache of 'corpus' ready" in rerun.stdout, rerun.stdout + rerun.stderr
+    rerun = _run_to_the_end([sys.executable, "-m", "sdmoe_train.cli", "prepare", "--config", str(recipe)])
+    assert "token cache of 'corpus' ready" in rerun

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,11 +89,14 @@ def test_checkpoints_that_cannot_be_verified_without_a_manifest_refuse_instead_o
         recover_checkpoint_directory(tmp_path)
 
 
-def test_a_save_killed_before_it_was_recorded_is_adopted_and_pruned_and_temporaries_go(tmp_path: Path) -> None:
+@pytest.mark.parametrize("publish", [_publish, _publish_sharded], ids=["file", "sharded_directory"])
+def test_a_save_killed_before_it_was_recorded_is_adopted_and_pruned_and_temporaries_go(
+    tmp_path: Path, publish: Callable[..., Path]
+) -> None:
     for step in (2, 4, 6):
-        _publish(tmp_path, step, keep_last_k=3)
+        publish(tmp_path, step, keep_last_k=3)
     for step in (8, 10):  # renamed into place, killed before the manifest was written
-        _publish(tmp_path, step, record=False)
+        publish(tmp_path, step, record=False)
     (tmp_path / f".{MANIFEST_FILE}.abc123.tmp").write_text("{half a manif")
     (tmp_path / ".step=12.ckpt.partial").write_bytes(b"partial")
     assert resolve_resume_checkpoint(_trainer(tmp_path), None, auto_resume=True) == str(tmp_path / "step=10.ckpt")
@@ -128,24 +132,6 @@ def test_ckpt_path_last_is_the_newest_checkpoint_and_must_verify(tmp_path: Path)
 def test_lightning_keywords_that_name_no_verifiable_checkpoint_are_refused(keyword: str) -> None:
     with pytest.raises(ConfigError, match=rf"ckpt_path='{keyword}' is not supported"):
         verify_explicit_checkpoint(keyword)
-
-
-def test_an_unrecorded_sharded_directory_is_adopted_and_pruned_like_a_file(tmp_path: Path) -> None:
-    for step in (2, 4, 6):
-        _publish_sharded(tmp_path, step, keep_last_k=3)
-    for step in (8, 10):  # renamed into place, killed before the manifest was written
-        _publish_sharded(tmp_path, step, record=False)
-    assert resolve_resume_checkpoint(_trainer(tmp_path), None, auto_resume=True) == str(tmp_path / "step=10.ckpt")
-    recover_checkpoint_directory(tmp_path, keep_last_k=3)
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
-        MANIFEST_FILE,
-        "step=10.ckpt",
-        "step=6.ckpt",
-        "step=8.ckpt",
-    ]
-    entries = read_manifest(tmp_path)
-    assert [entry["step"] for entry in entries] == [6, 8, 10]
-    assert sorted(entries[-1]["files"]) == ["rank_00000.pt", "rank_00001.pt"]  # hashed like a recorded save
 
 
 def test_a_lost_manifest_is_rebuilt_from_complete_sharded_directories(
