@@ -75,7 +75,10 @@ def test_signalled_job_saves_requeues_resumes_and_finishes(tmp_path: Path, signa
         if signal_at_step:
             _wait(lambda: any(step >= signal_at_step for step, _ in read_losses(losses)), 180, "the signal step")
         else:
-            _wait(lambda: _job_field(job_id, "JobState") == "RUNNING", 60, "the job to start")
+            # RUNNING is the allocation; a signal sent before slurmd has started the batch shell is dropped by
+            # Slurm (measured: the job then trained to the end). launch.sh prints this line once its trap is set.
+            started = f"job {job_id} restart 0:"
+            _wait(lambda: log.is_file() and started in log.read_text(), 60, "the batch shell to start")
         # What `--signal=B:USR1@SECONDS` does before the time limit, delivered now.
         subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
         signalled = time.monotonic()
