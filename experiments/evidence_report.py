@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from evidence_runner import LOG_DIR, Job, earlier_metric_dirs, read_record
+from evidence_runner import Job, read_record
 from evidence_study import Arm, Layout, Study
 from evidence_svg import Series, grouped_bars, line_chart
 
+from sdmoe_train.errors import ConfigError
 from sdmoe_train.io import write_json_atomically, write_text_atomically
 from sdmoe_train.report.dashboard import read_run
 
@@ -230,21 +231,11 @@ def was_resumed(run_dir: Path) -> bool:
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
-    """Every logged scalar of a run over all its attempts: name -> (step, value) in step order.
-
-    An attempt that resumed from a checkpoint retrained the steps after it, so an earlier attempt's points are
-    kept only before the first step the next attempt logged.
-    """
-    merged: dict[str, list[tuple[float, float]]] = {}
-    for log_dir in [*earlier_metric_dirs(run_dir), run_dir / LOG_DIR]:
-        if not (log_dir / "metrics.csv").is_file():
-            continue
-        scalars = read_run(log_dir).scalars
-        start = min((points[0][0] for points in scalars.values() if points), default=math.inf)
-        merged = {name: [point for point in points if point[0] < start] for name, points in merged.items()}
-        for name, points in scalars.items():
-            merged.setdefault(name, []).extend(points)
-    return merged
+    """Every logged scalar of a run over all its attempts (:func:`read_run` joins them); empty if it never logged."""
+    try:
+        return read_run(run_dir).scalars
+    except ConfigError:
+        return {}
 
 
 def spread(values: list[float]) -> dict[str, float | list[float]]:
@@ -258,8 +249,7 @@ def spread(values: list[float]) -> dict[str, float | list[float]]:
 def mean_curve(runs: list[RunResult], metric: str, x_of: Callable[[float], float] = float) -> Series:
     """Mean over the seeds that logged each step, with the min-max band.
 
-    A run whose early log was lost (see :func:`evidence_runner.keep_earlier_metrics`) still contributes from
-    where its log starts; the band shows where seeds disagree.
+    A step's mean is over the seeds that logged it; the band shows where seeds disagree.
     """
     per_run = [dict(run.scalars.get(metric, [])) for run in runs]
     steps = sorted(set().union(*(set(points) for points in per_run))) if per_run else []

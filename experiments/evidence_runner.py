@@ -2,8 +2,9 @@
 
 Each run writes its recipe, log and a ``run.json`` record (exit status, wall and CPU seconds) into its own
 directory. A run with a successful record is skipped when the study is started again; an interrupted one
-continues from its newest periodic checkpoint (``sdmoe-train fit`` resumes automatically), its earlier
-metrics kept aside (:func:`keep_earlier_metrics`).
+continues from its newest periodic checkpoint (``sdmoe-train fit`` resumes automatically). Every attempt
+logs to its own ``logs/version_N`` folder of the run directory (the CLI's default logger), which
+:func:`sdmoe_train.report.dashboard.read_run` joins.
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ from sdmoe_train.io import write_json_atomically, write_text_atomically
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 RECORD_FILE = "run.json"
-LOG_DIR = "logs"
-"""The CSV logger's directory inside a run directory (``metrics.csv`` and the monitors' ``monitor/``)."""
-EARLIER_LOGS_DIR = "earlier_attempts"
-"""Where :func:`keep_earlier_metrics` keeps the ``metrics.csv`` of interrupted attempts."""
 HALT_MESSAGE = "sdmoe-train: training stopped:"
 """What ``sdmoe-train fit`` prints when NonFiniteGuard stops a run whose loss keeps being non-finite."""
 
@@ -55,31 +52,6 @@ def read_record(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def earlier_metric_dirs(run_dir: Path) -> list[Path]:
-    """The folders holding earlier attempts' ``metrics.csv``, oldest first."""
-    folders = (run_dir / EARLIER_LOGS_DIR).glob("attempt_*")
-    return sorted(folders, key=lambda path: int(path.name.removeprefix("attempt_")))
-
-
-def keep_earlier_metrics(run_dir: Path) -> Path | None:
-    """Move an interrupted attempt's ``metrics.csv`` aside before the run resumes.
-
-    Lightning's CSV logger deletes an existing ``metrics.csv`` in its directory when a new process starts
-    logging there, which would leave a resumed run with the curves of its last attempt only. The file moves
-    to ``earlier_attempts/attempt_<n>/metrics.csv``; the report joins the attempts again.
-
-    Returns:
-        The new place of the file, or None when there was none.
-    """
-    metrics = run_dir / LOG_DIR / "metrics.csv"
-    if not metrics.is_file():
-        return None
-    target = run_dir / EARLIER_LOGS_DIR / f"attempt_{len(earlier_metric_dirs(run_dir)) + 1}" / "metrics.csv"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(metrics, target)
-    return target
-
-
 def run_job(job: Job, threads: int) -> dict:
     """Train one run to completion (or to a halt) and record how it went.
 
@@ -91,7 +63,6 @@ def run_job(job: Job, threads: int) -> dict:
         The record written to ``run.json``: ``returncode``, ``wall_seconds``, ``cpu_seconds``, ``halted``.
     """
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    keep_earlier_metrics(job.run_dir)
     recipe_path = job.run_dir / "recipe.yaml"
     write_text_atomically(recipe_path, yaml.safe_dump(job.recipe, sort_keys=False))
     environment = {

@@ -317,8 +317,8 @@ def run_recipe(study: Study, layout: Layout, arm: Arm, seed: int) -> dict[str, A
             "log_every_n_steps": 10,
             "gradient_clip_val": 1.0,
             "enable_progress_bar": False,
+            # No logger: the CLI's CSV logger writes each attempt to <run_dir>/logs/version_N.
             "default_root_dir": run_dir,
-            "logger": _callback("lightning.pytorch.loggers.CSVLogger", save_dir=run_dir, name="logs", version=""),
             "callbacks": callbacks,
         },
     }

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sdmoe_train.checkpointing.manifest import checkpoint_problem
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.io import atomic_path
 from sdmoe_train.parallel.expert_parallel import merge_expert_shards
@@ -33,20 +34,34 @@ def consolidate_checkpoint(directory: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"{str(directory)!r} has no {first.name}; pass a checkpoint directory of MoEDeepSpeedStrategy"
         )
-    rank0 = torch.load(first, map_location="cpu", weights_only=False)
+    rank0 = _load_rank_file(first)
     layout = rank0[LAYOUT_KEY]
     shards = [rank0["state_dict"]]
     for ep_rank in range(1, layout["ep_size"]):
         path = rank_file(directory, ep_rank)
         if not path.is_file():
             raise ConfigError(f"{str(directory)!r} lacks {path.name} (written with ep_size={layout['ep_size']})")
-        shards.append(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+        shards.append(_load_rank_file(path)["state_dict"])
     consolidated = {key: rank0[key] for key in _KEPT_ENTRIES if key in rank0}
     if "hyper_parameters" in consolidated:
         # The file holds every expert: it loads into one process, and a run chooses its own layout.
         consolidated["hyper_parameters"] = {**consolidated["hyper_parameters"], "parallel": None}
     consolidated["state_dict"] = merge_expert_shards(shards, layout["sharded"])
     return consolidated
+
+
+def _load_rank_file(path: Path) -> dict[str, Any]:
+    """One rank's file, refused with its name when it is damaged or was not written by MoEDeepSpeedStrategy."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(f"cannot consolidate: {problem}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or LAYOUT_KEY not in state or "state_dict" not in state:
+        raise ConfigError(
+            f"cannot consolidate: {path} has no expert-parallel layout; pass a checkpoint directory of "
+            "MoEDeepSpeedStrategy"
+        )
+    return state
 
 
 def write_consolidated_checkpoint(directory: str | Path, out: str | Path) -> Path:

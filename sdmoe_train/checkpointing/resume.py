@@ -21,6 +21,7 @@ from sdmoe_train.checkpointing.periodic import PeriodicCheckpoint
 from sdmoe_train.checkpointing.recovery import check_resumable
 from sdmoe_train.checkpointing.run_identity import check_resume_compatibility, run_identity
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.parallel.rank_files import rank_file
 
 LAST = "last"
 """``--ckpt_path last``: the newest checkpoint of the run, verified."""
@@ -41,6 +42,17 @@ def verify_explicit_checkpoint(ckpt_path: str | None) -> None:
         )
     if ckpt_path is not None and ckpt_path != LAST:
         verify_checkpoint(ckpt_path)
+        _refuse_foreign_directory(Path(ckpt_path))
+
+
+def _refuse_foreign_directory(path: Path) -> None:
+    # A directory is a checkpoint only as MoEDeepSpeedStrategy's per-rank files (or DeepSpeed's own layout,
+    # marked by its `latest` file); any other folder would fail inside torch.load with IsADirectoryError.
+    if path.is_dir() and not (rank_file(path, 0).is_file() or (path / "latest").is_file()):
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} is a directory but no sharded checkpoint (no {rank_file(path, 0).name}); pass "
+            "a .ckpt file or a checkpoint directory written by MoEDeepSpeedStrategy"
+        )
 
 
 def checkpoint_directories(trainer: Any) -> list[Path]:

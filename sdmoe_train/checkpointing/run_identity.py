@@ -51,6 +51,11 @@ def check_resume_compatibility(checkpoint: dict[str, Any], current: dict[str, An
     Raises:
         ConfigError: Listing every differing setting with the checkpoint's and the recipe's value.
     """
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(
+            f"checkpoint {path} holds a {type(checkpoint).__name__}, not a training checkpoint: it was not written by "
+            "sdmoe-train fit; resume from a checkpoint of this run, or start from weights with model.init_from"
+        )
     saved = checkpoint.get("sdmoe_train", {}).get(IDENTITY_KEY)
     if saved is None:
         hparams = checkpoint.get("hyper_parameters") or {}

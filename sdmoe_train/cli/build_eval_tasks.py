@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from sdmoe_train.cli.outputs import check_output_directory
 from sdmoe_train.cli.recipe import recipe_data_parser
 from sdmoe_train.data.held_out import split_texts
 from sdmoe_train.evaluation.task_builder import TaskBuildConfig, build_tasks
@@ -27,6 +28,7 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--out", type=str, required=True, help="directory for the task YAML and jsonl files")
     parser.add_class_arguments(TaskBuildConfig, None)
     config = parser.parse_args(argv)
+    check_output_directory(config.out, "--out")
     parsed = parser.instantiate(config)
     options = TaskBuildConfig(**{field.name: config[field.name] for field in dataclasses.fields(TaskBuildConfig)})
     texts = split_texts(parsed.data.corpus)

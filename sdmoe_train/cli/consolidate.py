@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sdmoe_train.checkpointing.consolidate import write_consolidated_checkpoint
+from sdmoe_train.cli.outputs import check_output_file
 
 USAGE = """\
   sdmoe-train consolidate CHECKPOINT_DIR OUT.ckpt
@@ -28,4 +29,5 @@ def _parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> None:
     """Run ``consolidate`` with its arguments (ConfigError propagates to the caller)."""
     args = _parser().parse_args(argv)
+    check_output_file(args.out, "OUT.ckpt")
     print(f"wrote {write_consolidated_checkpoint(args.checkpoint_dir, args.out)}")

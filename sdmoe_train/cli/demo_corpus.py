@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sdmoe_train.cli.outputs import check_output_directory
 from sdmoe_train.data.demo_corpus import install_demo_corpus
+from sdmoe_train.errors import ConfigError
 
 USAGE = """\
   sdmoe-train demo-corpus DEST
@@ -25,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> None:
     """Run ``demo-corpus`` with its arguments."""
     args = _parser().parse_args(argv)
-    files = install_demo_corpus(args.destination)
+    check_output_directory(args.destination, "DEST")
+    try:
+        files = install_demo_corpus(args.destination)
+    except ModuleNotFoundError as error:
+        raise ConfigError(str(error)) from error
     size_mb = sum(file.stat().st_size for file in files) / 1e6
     print(f"{len(files)} plays ({size_mb:.1f} MB) in {args.destination}")

@@ -21,11 +21,13 @@ from tokenizers import Tokenizer
 
 from sdmoe_train.checkpointing.manifest import checkpoint_problem
 from sdmoe_train.checkpointing.run_identity import IDENTITY_KEY, identity_differences
+from sdmoe_train.cli.outputs import check_output_file
 from sdmoe_train.cli.recipe import recipe_data_parser
 from sdmoe_train.data.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_identity
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.evaluation import require_lm_eval
 from sdmoe_train.evaluation.isolation import autocast_dtype, preserved_rng_state
+from sdmoe_train.evaluation.options import check_run_options
 from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.models.config import TransformerConfig
 from sdmoe_train.models.transformer import Transformer
@@ -95,13 +97,16 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     config = parser.parse_args(argv)
     tasks = [name.strip() for name in config.tasks.split(",") if name.strip()]
     include_path = [path.strip() for path in (config.include_path or "").split(",") if path.strip()]
-    if config.limit is not None and config.limit <= 0:
-        raise ConfigError(f"--limit={config.limit} must be > 0 (documents per task, or a share below 1)")
-    if config.num_fewshot is not None and config.num_fewshot < 0:
-        raise ConfigError(f"--num_fewshot={config.num_fewshot} must be >= 0")
-    for option in ("batch_size", "max_gen_toks"):
-        if config[option] < 1:
-            raise ConfigError(f"--{option}={config[option]} must be >= 1")
+    check_run_options(
+        "--",
+        limit=config.limit,
+        num_fewshot=config.num_fewshot,
+        batch_size=config.batch_size,
+        max_gen_toks=config.max_gen_toks,
+        bootstrap_iters=config.bootstrap_iters,
+    )
+    if config.out is not None:
+        check_output_file(config.out, "--out")
     device = _device(config.device)
     ssmoe_settings = config.pop("ssmoe").as_dict()
     ssmoe = None if ssmoe_settings["c"] is None else SSMoEConfig(**ssmoe_settings, enabled=True)
@@ -195,9 +200,12 @@ def load_evaluation_model(
     return module.model.eval()
 
 
-def _check_against_recipe(
-    checkpoint: Any, recipe_arch: TransformerConfig | None, tokenizer: Tokenizer, path: Path
-) -> None:
+def check_module_checkpoint(checkpoint: Any, path: str | Path) -> dict[str, Any]:
+    """The hyper-parameters of a loaded :class:`PretrainModule` checkpoint, which ``load_from_checkpoint`` needs.
+
+    Raises:
+        ConfigError: If ``checkpoint`` has no ``arch`` hyper-parameter or is no Lightning checkpoint.
+    """
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not hparams or "arch" not in hparams:
         raise ConfigError(
@@ -209,6 +217,13 @@ def _check_against_recipe(
             f"--ckpt_path={str(path)!r} is not a Lightning checkpoint (no 'pytorch-lightning_version' entry): "
             "evaluate a checkpoint of `sdmoe-train fit` or the model.ckpt of `sdmoe-train import`"
         )
+    return hparams
+
+
+def _check_against_recipe(
+    checkpoint: Any, recipe_arch: TransformerConfig | None, tokenizer: Tokenizer, path: Path
+) -> None:
+    hparams = check_module_checkpoint(checkpoint, path)
     recorded = (checkpoint.get("sdmoe_train") or {}).get(IDENTITY_KEY) or {}
     saved = {"arch": _arch_fields(hparams["arch"])}
     if "tokenizer" in recorded:  # imported models and old checkpoints record none

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from jsonargparse import DefaultHelpFormatter
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from sdmoe_train import signals
@@ -29,6 +30,7 @@ from sdmoe_train.checkpointing.resume import (
 from sdmoe_train.checkpointing.run_directory import check_writable, derive_run_paths
 from sdmoe_train.checkpointing.run_lock import RunLock, acquire_run_lock
 from sdmoe_train.checkpointing.wandb_run_id import persist_wandb_run_id
+from sdmoe_train.cli.trainer_checks import check_logger_folders, check_trainer_settings
 from sdmoe_train.data import PretrainDataModule
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.callbacks import NonFiniteGuard, PreemptionHandler
@@ -76,13 +78,18 @@ class PretrainCLI(LightningCLI):
             # jsonargparse reports a ConfigError raised inside a nested (Optional) dataclass as a
             # ValueError that quotes it; before training starts every such error is bad input.
             raise ConfigError(f"invalid configuration: {error}") from error
+        except MisconfigurationException as error:
+            # Lightning's own checks of the trainer section (max_steps, limit_*_batches, ...).
+            raise ConfigError(f"invalid trainer setting: {error}") from error
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision is None:
             config.trainer.precision = default_precision(config.trainer.accelerator)
+        check_trainer_settings(config.trainer)
         check_sequence_length(config.data.corpus.seq_len, config.model.arch.max_seq_len)
         self._run_dir = derive_run_paths(config.trainer)
+        check_logger_folders(config.trainer)
         if self.subcommand == "fit":
             persist_wandb_run_id(config.trainer)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sdmoe_train.errors import ConfigError
 from sdmoe_train.interop.hf.checkpoints import import_checkpoint
 
 USAGE = """\
@@ -41,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> None:
     """Run ``import`` with its arguments (ConfigError propagates to the caller)."""
     args = _parser().parse_args(argv)
+    if args.upcycle_experts is not None:
+        # Checked before the checkpoint is read, under the names the user typed.
+        if args.upcycle_experts < 1:
+            raise ConfigError(f"--upcycle_experts={args.upcycle_experts} must be >= 1 (experts per upcycled layer)")
+        if not 1 <= args.upcycle_top_k <= args.upcycle_experts:
+            raise ConfigError(
+                f"--upcycle_top_k={args.upcycle_top_k} must lie in [1, --upcycle_experts={args.upcycle_experts}]"
+            )
     written = import_checkpoint(
         args.hf_dir, args.out_dir, args.upcycle_experts, args.upcycle_top_k, overwrite=args.overwrite
     )

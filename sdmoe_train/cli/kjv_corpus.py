@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sdmoe_train.cli.outputs import check_output_directory
 from sdmoe_train.data.kjv_corpus import install_kjv_corpus
 from sdmoe_train.errors import ConfigError
 
@@ -28,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> None:
     """Run ``kjv-corpus`` with its arguments."""
     args = _parser().parse_args(argv)
+    check_output_directory(args.destination, "DEST")
     try:
         files = install_kjv_corpus(args.destination)
     except FileNotFoundError as error:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from sdmoe_train.cli.outputs import check_output_directory
 from sdmoe_train.io import write_text_atomically
 from sdmoe_train.models.parameters import count_parameters
 from sdmoe_train.models.presets import PRESETS
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> None:
     """Run ``presets`` with its arguments."""
     args = _parser().parse_args(argv)
+    if args.write is not None:
+        check_output_directory(args.write, "--write")
     for name in PRESETS:
         if args.write is None:
             print(f"{name}: {count_parameters(PRESETS[name]()).summary()}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sdmoe_train.cli.outputs import check_output_file
 from sdmoe_train.report.dashboard import write_dashboard
 
 USAGE = """\
@@ -29,5 +30,7 @@ def _parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> None:
     """Run ``report`` with its arguments (ConfigError propagates to the caller)."""
     args = _parser().parse_args(argv)
+    if args.out is not None:
+        check_output_file(args.out, "--out")
     out = write_dashboard(args.run_dirs, args.out, args.labels)
     print(f"wrote {out}")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 
 from sdmoe_train.checkpointing.slurm import requeue_slurm_job
+from sdmoe_train.errors import ConfigError
 
 USAGE = """\
   sdmoe-train requeue JOB_ID [--no_release]
@@ -28,4 +30,12 @@ def run(argv: list[str]) -> None:
     """Run ``requeue`` with its arguments."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    requeue_slurm_job(args.job_id, release=not args.no_release)
+    try:
+        requeue_slurm_job(args.job_id, release=not args.no_release)
+    except FileNotFoundError as error:
+        raise ConfigError(f"cannot requeue job {args.job_id}: {error.filename} is not installed here") from error
+    except subprocess.CalledProcessError as error:
+        raise ConfigError(
+            f"scontrol could not requeue job {args.job_id!r}: {(error.stderr or '').strip() or error}; check the job "
+            "id, and that the job was submitted with --requeue"
+        ) from error

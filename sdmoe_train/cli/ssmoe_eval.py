@@ -16,12 +16,15 @@ import dataclasses
 import json
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
 from sdmoe_train.checkpointing.manifest import checkpoint_problem
+from sdmoe_train.cli.evaluate import check_module_checkpoint
+from sdmoe_train.cli.outputs import check_output_file
 from sdmoe_train.cli.recipe import recipe_data_parser
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.io import write_text_atomically
@@ -129,15 +132,29 @@ def run(argv: list[str]) -> list[dict[str, float]]:
     """``sdmoe-train ssmoe-eval``: print (and optionally write) one row of results per blend weight."""
     parser = _parser()
     config = parser.parse_args(argv)
+    if Path(config.ckpt_path).is_dir():
+        raise ConfigError(
+            f"--ckpt_path={config.ckpt_path!r} is a directory; pass a .ckpt file (a DeepSpeed checkpoint directory: "
+            f"consolidate it first with `sdmoe-train consolidate {config.ckpt_path} consolidated.ckpt`)"
+        )
     # The same verification as resuming (manifest hashes, or at least a complete archive) before torch.load.
     problem = checkpoint_problem(config.ckpt_path)
     if problem is not None:
         raise ConfigError(f"--ckpt_path={config.ckpt_path!r} cannot be evaluated: {problem}")
     blends = [float(blend) for blend in config.blends]
+    if not blends:
+        raise ConfigError("--blends is empty; give the blend weights c to evaluate, e.g. --blends [0,0.5,1]")
+    if config.limit_val_batches is not None and config.limit_val_batches < 1:
+        raise ConfigError(f"--limit_val_batches={config.limit_val_batches} must be >= 1 (or left unset: every batch)")
+    if config.output is not None:
+        check_output_file(config.output, "--output")
     for blend in blends:
         SSMoEConfig(c=blend)  # validates the range with the usual message
     parsed = parser.instantiate(config)
     ssmoe = dataclasses.replace(parsed.ssmoe, enabled=True, c=0.0)
+    check_module_checkpoint(
+        torch.load(config.ckpt_path, map_location="cpu", weights_only=False, mmap=True), config.ckpt_path
+    )
     module = PretrainModule.load_from_checkpoint(config.ckpt_path, map_location="cpu", ssmoe=ssmoe)
     module.eval()
     datamodule = parsed.data

@@ -12,15 +12,18 @@
   tokens (the first one conditioned on the end-of-text token), every window of every text is scored in the
   same sorted batches, and a text's windows are summed.
 - ``generate_until``: greedy decoding, batched, until a stop sequence, the end-of-text token or
-  ``max_gen_toks`` new tokens. The model keeps no key/value cache, so each new token runs the (at most
-  ``max_seq_len``-token) prefix again, but projects only each row's last position onto the vocabulary;
-  prompts longer than that keep their last tokens.
+  ``max_gen_toks`` new tokens. The prompts of a batch run left-padded through the model once, filling a
+  key/value cache (:meth:`Transformer.decode <sdmoe_train.models.transformer.Transformer.decode>`); then each
+  step feeds only the tokens just chosen, and rows that have finished leave the batch. Only each row's last
+  position is projected onto the vocabulary. As in lm-eval's ``hf`` model, prompt and generation share the
+  context window: a prompt keeps its last ``max_seq_len - max_gen_toks`` tokens.
 
 Token conventions match lm-eval's ``hf`` model on an exported checkpoint (``sdmoe-train export``), so both
 give the same numbers: texts are encoded without special tokens, an empty context is the end-of-text token
 (documents follow one in training), and log-probabilities are computed in fp32 whatever the autocast dtype.
-Batches are padded on the right; the model is causal and evaluation routes without capacity limits
-(:func:`~sdmoe_train.evaluation.isolation.evaluation_mode`), so padding never changes a real token's score.
+Scoring batches are padded on the right, generation batches on the left with the padding masked out; the model
+is causal and evaluation routes without capacity limits (:func:`~sdmoe_train.evaluation.isolation.evaluation_mode`),
+so padding never changes a real token's score or a generated token.
 
 Data-parallel evaluation: with ``distributed=True`` inside an initialised ``torch.distributed`` process
 group, lm-eval gives each rank a share of the documents and gathers the per-document metrics on rank 0
@@ -47,6 +50,7 @@ from tqdm import tqdm
 
 from sdmoe_train.data.tokenizer import eos_token_id
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.models.kv_cache import KVCache
 from sdmoe_train.models.transformer import Transformer
 from sdmoe_train.parallel import collectives
 
@@ -238,25 +242,55 @@ class SDMoELM(TemplateLM):
         return collator.get_original(results)
 
     def _greedy(self, prompts: list[list[int]], stops: list[str], max_new_tokens: int) -> list[list[int]]:
-        """New tokens of each prompt, until the end-of-text token, a stop sequence or ``max_new_tokens``."""
+        """New tokens of each prompt, until the end-of-text token, a stop sequence or ``max_new_tokens``.
+
+        Raises:
+            ConfigError: if ``max_new_tokens`` leaves no room for a prompt in the context window.
+        """
+        if max_new_tokens < 1:
+            return [[] for _ in prompts]
+        room = self.max_length - max_new_tokens
+        if room < 1:
+            raise ConfigError(
+                f"generating up to max_gen_toks={max_new_tokens} tokens leaves no room for the prompt in the "
+                f"model's context of max_seq_len={self.max_length} tokens (prompt and generation share it, as in "
+                "lm-eval's hf model): lower the task's generation_kwargs.max_gen_toks, or --max_gen_toks for "
+                "tasks that set none"
+            )
+        prompts = [prompt[-room:] for prompt in prompts]
         generated: list[list[int]] = [[] for _ in prompts]
-        active = list(range(len(prompts)))
-        for _ in range(max_new_tokens):
-            if not active:
+        rows = list(range(len(prompts)))  # the prompt each cache row decodes
+        cache = self.model.new_cache(len(prompts), max(map(len, prompts)) + max_new_tokens - 1)
+        logits_BV = self._next_token_logits(*self._left_padded(prompts), cache)
+        for step in range(max_new_tokens):
+            next_tokens = logits_BV.argmax(dim=-1).tolist()
+            kept = []
+            for row, (index, token) in enumerate(zip(rows, next_tokens, strict=True)):
+                generated[index].append(token)
+                if token != self.eot_token_id and not self._reached_stop(generated[index], stops):
+                    kept.append(row)
+            if not kept or step == max_new_tokens - 1:
                 break
-            # Without a key/value cache each step re-reads the prefix, at most max_seq_len tokens of it.
-            inputs = [(prompts[i] + generated[i])[-self.max_length :] for i in active]
-            next_tokens = self._log_probs(inputs, [range(len(row) - 1, len(row)) for row in inputs]).argmax(-1)
-            still_active = []
-            for i, token in zip(active, next_tokens.tolist(), strict=True):
-                generated[i].append(token)
-                if token == self.eot_token_id:
-                    continue
-                text = self.tok_decode(generated[i])
-                if not any(stop and stop in text for stop in stops):
-                    still_active.append(i)
-            active = still_active
+            if len(kept) < len(rows):
+                cache.keep_rows(torch.tensor(kept, device=self._device))
+                rows = [rows[row] for row in kept]
+            tokens_B1 = torch.tensor([[next_tokens[row]] for row in kept], device=self._device)
+            logits_BV = self._next_token_logits(tokens_B1, None, cache)
         return generated
+
+    def _reached_stop(self, tokens: list[int], stops: list[str]) -> bool:
+        text = self.tok_decode(tokens)
+        return any(stop and stop in text for stop in stops)
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """The prompts as one (B, S) batch padded on the left, and the mask of their real tokens."""
+        width = max(len(prompt) for prompt in prompts)
+        tokens_BS = torch.full((len(prompts), width), self.eot_token_id, dtype=torch.long)
+        valid_BS = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for index, prompt in enumerate(prompts):
+            tokens_BS[index, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+            valid_BS[index, width - len(prompt) :] = True
+        return tokens_BS.to(self._device), valid_BS.to(self._device)
 
     def _quiet(self, disable_tqdm: bool) -> bool:
         return disable_tqdm or not self.show_progress or self.rank != 0
@@ -283,6 +317,14 @@ class SDMoELM(TemplateLM):
             hidden_BSD, _ = self.model.hidden_states(tokens_BS)
             logits_NV = self.model.lm_head(hidden_BSD[batch_N, position_N])
         return F.log_softmax(logits_NV.float(), dim=-1)
+
+    @torch.no_grad()
+    def _next_token_logits(self, tokens_BS: Tensor, valid_BS: Tensor | None, cache: KVCache) -> Tensor:
+        """fp32 logits (B, V) after each row's last token, feeding ``tokens_BS`` after those in ``cache``."""
+        with torch.autocast(self._device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            hidden_BSD = self.model.decode(tokens_BS, cache, valid_BS)
+            logits_BV = self.model.lm_head(hidden_BSD[:, -1])
+        return logits_BV.float()
 
     # ---------------------------------------------------------------- data-parallel collectives (lm-eval's API)
 

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from sdmoe_train.config_checks import require_non_negative, require_positive
 from sdmoe_train.errors import ConfigError
 
 
@@ -41,12 +42,11 @@ class OptimConfig:
     """WSD only: share of all steps spent in the final linear decay."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr={self.lr} must be positive")
+        # AdamW's eps divides by sqrt(v) + eps: 0 gives NaN updates for parameters without gradient yet.
+        require_positive("optim", lr=self.lr, eps=self.eps)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        require_non_negative("optim", weight_decay=self.weight_decay)
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={list(self.betas)} must both lie in [0, 1)")
         if self.warmup_steps < 0:

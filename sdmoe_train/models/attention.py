@@ -5,10 +5,12 @@ with a :class:`~sdmoe_train.models.document_attention.DocumentMask` (packed docu
 see each other) they attend only within each token's document instead.
 MLA follows DeepSeek-V2 (arXiv 2405.04434 §2.1): queries optionally go through a low-rank bottleneck,
 keys and values come from one compressed latent (kv_lora_rank) plus a single rotary key shared by all
-heads. This module computes full attention for training; latent caching for decoding is out of scope.
+heads. Inference may pass a :class:`~sdmoe_train.models.kv_cache.LayerKV`: the new positions' keys and values are
+appended to it and the queries attend to every cached position (what MLA caches, and why: ``kv_cache``).
 """
 
-# Shape key: B sequences, S tokens, D model width, H heads, G key/value heads, d per-head width.
+# Shape key: B sequences, S tokens, D model width, H heads, G key/value heads, d per-head width, e value width,
+# L cached + new positions.
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from sdmoe_train.models.config import MLAConfig, TransformerConfig
 from sdmoe_train.models.document_attention import DocumentMask
+from sdmoe_train.models.kv_cache import LayerKV
 from sdmoe_train.models.rope import apply_rotary
 
 
@@ -42,7 +45,9 @@ class GroupedQueryAttention(nn.Module):
     def rotary_dim(self) -> int:
         return self.head_dim
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask | None = None) -> Tensor:
+    def forward(
+        self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask | None = None, cache: LayerKV | None = None
+    ) -> Tensor:
         batch, seq_len, _ = x_BSD.shape
         q_BSHd = self.q_proj(x_BSD).view(batch, seq_len, self.num_heads, self.head_dim)
         k_BSGd = self.k_proj(x_BSD).view(batch, seq_len, self.num_kv_heads, self.head_dim)
@@ -51,12 +56,9 @@ class GroupedQueryAttention(nn.Module):
         q_BHSd, k_BGSd = q_BSHd.transpose(1, 2), k_BSGd.transpose(1, 2)
         v_BGSd = self.v_proj(x_BSD).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_BHSd, k_BGSd = apply_rotary(q_BHSd, cos, sin), apply_rotary(k_BGSd, cos, sin)
-        if mask is None:
-            out_BHSd = F.scaled_dot_product_attention(
-                q_BHSd, k_BGSd, v_BGSd, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-            )
-        else:
-            out_BHSd = mask.attend(q_BHSd, k_BGSd, v_BGSd)
+        out_BHSd = _causal_attention(
+            q_BHSd, k_BGSd, v_BGSd, mask, cache, enable_gqa=self.num_kv_heads != self.num_heads
+        )
         return self.o_proj(out_BHSd.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -87,7 +89,9 @@ class MultiHeadLatentAttention(nn.Module):
     def rotary_dim(self) -> int:
         return self.mla.qk_rope_head_dim
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask | None = None) -> Tensor:
+    def forward(
+        self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask | None = None, cache: LayerKV | None = None
+    ) -> Tensor:
         mla, heads = self.mla, self.num_heads
         batch, seq_len, _ = x_BSD.shape
         if mla.q_lora_rank is None:
@@ -104,11 +108,30 @@ class MultiHeadLatentAttention(nn.Module):
 
         q_BHSd = torch.cat((q_nope, apply_rotary(q_rope, cos, sin)), dim=-1)
         k_BHSd = torch.cat((k_nope, k_rope_B1Sd.expand(-1, heads, -1, -1)), dim=-1)
-        if mask is None:
-            out_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, is_causal=True, scale=self.softmax_scale)
-        else:
-            out_BHSd = mask.attend(q_BHSd, k_BHSd, v_BHSd, scale=self.softmax_scale)
+        out_BHSd = _causal_attention(q_BHSd, k_BHSd, v_BHSd, mask, cache, scale=self.softmax_scale)
         return self.o_proj(out_BHSd.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+def _causal_attention(
+    q_BHSd: Tensor,
+    k_BGSd: Tensor,
+    v_BGSe: Tensor,
+    mask: DocumentMask | None,
+    cache: LayerKV | None,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """(B, H, S, e) causal attention over the sequence, within each document (``mask``), or to every cached
+    position and the new ones (``cache``, which stores the new keys and values)."""
+    if cache is not None:
+        k_BGLd, v_BGLe = cache.append(k_BGSd, v_BGSe)
+        return F.scaled_dot_product_attention(
+            q_BHSd, k_BGLd, v_BGLe, attn_mask=cache.attention_mask, scale=scale, enable_gqa=enable_gqa
+        )
+    if mask is not None:
+        return mask.attend(q_BHSd, k_BGSd, v_BGSe, scale=scale)
+    return F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSe, is_causal=True, scale=scale, enable_gqa=enable_gqa)
 
 
 def build_attention(config: TransformerConfig) -> GroupedQueryAttention | MultiHeadLatentAttention:

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from sdmoe_train.models.attention import build_attention
 from sdmoe_train.models.config import TransformerConfig
 from sdmoe_train.models.document_attention import DocumentKernel, DocumentMask
+from sdmoe_train.models.kv_cache import KVCache, LayerKV
 from sdmoe_train.models.rope import rotary_tables
 from sdmoe_train.moe.layer import MoELayer, MoELayerStats
 from sdmoe_train.moe.mlp import SwiGLU
@@ -87,9 +88,9 @@ class Block(nn.Module):
             self.ffn = SwiGLU(config.hidden_dim, config.dense_hidden_dim)
 
     def forward(
-        self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask | None = None
+        self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask | None = None, cache: LayerKV | None = None
     ) -> tuple[Tensor, MoELayerStats | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, mask)
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, mask, cache)
         if isinstance(self.ffn, MoELayer):
             ffn_out, stats = self.ffn(self.ffn_norm(x_BSD))
             return x_BSD + ffn_out, stats
@@ -164,6 +165,66 @@ class Transformer(nn.Module):
                 moe_indices.append(index)
                 moe_stats.append(stats)
         return self.final_norm(x_BSD), MoEAux.from_layers(moe_indices, moe_stats) if moe_stats else None
+
+    def new_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
+        """An empty key/value cache for :meth:`decode`.
+
+        Args:
+            batch_size: rows decoded together.
+            capacity: positions per row, padding included; None means ``config.max_seq_len``, the most allowed.
+
+        Raises:
+            ValueError: if ``capacity`` exceeds ``config.max_seq_len``, or an MoE layer drops tokens at capacity
+                (which token is dropped depends on the other tokens of the pass, so token-by-token decoding would
+                not reproduce a full forward pass; evaluation routes dropless, see ``evaluation_mode``).
+        """
+        capacity = self.config.max_seq_len if capacity is None else capacity
+        if capacity > self.config.max_seq_len:
+            raise ValueError(f"cache capacity {capacity} > max_seq_len={self.config.max_seq_len}")
+        dropping = [
+            index
+            for index, layer in self.moe_layers()
+            if getattr(layer.dispatcher, "capacity_factor", None) is not None
+        ]
+        if dropping:
+            raise ValueError(
+                f"the MoE layers of blocks {dropping} drop tokens at capacity; decode with dropless routing "
+                "(capacity_factor None, as evaluation_mode sets)"
+            )
+        return KVCache(len(self.blocks), batch_size, capacity, self.embed.weight.device)
+
+    def decode(self, tokens_BS: Tensor, cache: KVCache, valid_BS: Tensor | None = None) -> Tensor:
+        """Feed the next S tokens of every row after those in ``cache``, and append their keys and values to it.
+
+        The first call feeds the prompts (left-padded to one length), each later one the tokens just chosen.
+        Position for position, the result equals :meth:`hidden_states` of each row's whole sequence, to float
+        rounding.
+
+        Args:
+            tokens_BS: int64 token ids.
+            cache: from :meth:`new_cache`, holding the rows' earlier positions.
+            valid_BS: False at left padding (before a row's first token); None means no padding.
+
+        Returns:
+            The normalised last hidden states (B, S, D), as :meth:`hidden_states` returns them.
+
+        Raises:
+            ValueError: if the positions exceed the cache's capacity.
+        """
+        valid_BS = torch.ones_like(tokens_BS, dtype=torch.bool) if valid_BS is None else valid_BS
+        positions_BS = cache.start_step(valid_BS)
+        cos, sin = rotary_tables(
+            tokens_BS.shape[1],
+            self.blocks[0].attn.rotary_dim,
+            self.config.attention.rope_theta,
+            tokens_BS.device,
+            positions_BS,
+        )
+        x_BSD = self.embed(tokens_BS)
+        for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
+            x_BSD, _ = block(x_BSD, cos, sin, cache=layer_cache)
+        cache.finish_step()
+        return self.final_norm(x_BSD)
 
     def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:
         """(block index, layer) for every MoE feed-forward, in depth order."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sdmoe_train.config_checks import divisors, require_positive
+from sdmoe_train.config_checks import divisors, require_non_negative, require_positive
 from sdmoe_train.errors import ConfigError
 
 
@@ -86,9 +86,13 @@ class MoEConfig:
             raise ConfigError(f"moe.first_k_dense={self.first_k_dense} must be >= 0")
         if self.capacity_factor is not None:
             require_positive("moe", capacity_factor=self.capacity_factor)
-        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"moe.{name}={getattr(self, name)} must be >= 0")
+        require_non_negative(
+            "moe",
+            aux_loss_coef=self.aux_loss_coef,
+            seq_aux_loss_coef=self.seq_aux_loss_coef,
+            z_loss_coef=self.z_loss_coef,
+            bias_update_rate=self.bias_update_rate,
+        )
 
     @property
     def shared_hidden_dim(self) -> int:

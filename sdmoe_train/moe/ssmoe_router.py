@@ -68,8 +68,8 @@ class SSMoEConfig:
             raise ConfigError(f"ssmoe.c={self.c} must lie in [0, 1] (0: learned router only, 1: spectral only)")
         if self.k < 1:
             raise ConfigError(f"ssmoe.k={self.k} must be >= 1 (the paper uses 50; it is clamped to the rank)")
-        if not self.tau > 0.0:
-            raise ConfigError(f"ssmoe.tau={self.tau} must be > 0 (1.0 is the paper's setting)")
+        if not (math.isfinite(self.tau) and self.tau > 0.0):
+            raise ConfigError(f"ssmoe.tau={self.tau} must be positive and finite (1.0 is the paper's setting)")
         if self.refresh_every < 0:
             raise ConfigError(
                 f"ssmoe.refresh_every={self.refresh_every} must be >= 0 (0: recompute U only on enabling and load)"

@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 
 from sdmoe_train.errors import ConfigError
+from sdmoe_train.io import write_text_atomically
 from sdmoe_train.report.figures import FIGURES_FILE, latest_figures
 from sdmoe_train.report.svg import bars_svg, heatmap_svg, line_chart_svg
 
@@ -123,12 +124,21 @@ def read_run(run_dir: Path, label: str | None = None) -> RunLog:
 def _read_metrics(metrics_file: Path) -> dict[str, list[tuple[float, float]]]:
     """Metric -> (step, value) points of one ``metrics.csv``, in step order."""
     scalars: dict[str, list[tuple[float, float]]] = {}
-    with metrics_file.open() as stream:
-        for row in csv.DictReader(stream):
-            step = float(row["step"])
-            for name, value in row.items():
-                if name != "step" and value not in ("", None):
-                    scalars.setdefault(name, []).append((step, float(value)))
+    with metrics_file.open(encoding="utf-8", newline="") as stream:
+        reader = csv.DictReader(stream)
+        try:
+            if reader.fieldnames is not None and "step" not in reader.fieldnames:
+                raise ValueError("it has no 'step' column")
+            for row in reader:
+                step = float(row["step"])
+                for name, value in row.items():
+                    if name != "step" and value not in ("", None):
+                        scalars.setdefault(name, []).append((step, float(value)))
+        except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as error:
+            raise ConfigError(
+                f"report: {metrics_file} line {reader.line_num} is not a metrics table of Lightning's CSVLogger "
+                f"({error}); remove or repair the damaged file"
+            ) from error
     for points in scalars.values():
         points.sort()
     return scalars
@@ -233,6 +243,5 @@ def write_dashboard(run_dirs: list[Path], out: Path | None = None, labels: list[
         raise ConfigError(f"report: --labels has {len(labels)} names for {len(run_dirs)} run directories")
     runs = [read_run(path, None if labels is None else labels[i]) for i, path in enumerate(run_dirs)]
     out = out or run_dirs[0] / "report.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(build_dashboard(runs, "sdmoe-train report: " + " vs ".join(run.label for run in runs)))
+    write_text_atomically(out, build_dashboard(runs, "sdmoe-train report: " + " vs ".join(run.label for run in runs)))
     return out

@@ -1,15 +1,16 @@
-"""The evidence study's training runner: run records, halted runs, reruns, and metrics kept across attempts."""
+"""The evidence study's training runner: run records, halted runs, reruns, and metrics joined across attempts."""
 
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
 import evidence_runner
 import pytest
 from evidence_report import read_scalars
-from evidence_runner import HALT_MESSAGE, Job, keep_earlier_metrics, read_record, run_jobs
+from evidence_runner import HALT_MESSAGE, Job, read_record, run_jobs
 
 
 def _fake_trainer(tmp_path: Path, body: str) -> str:
@@ -32,7 +33,7 @@ def test_runs_are_recorded_once_and_only_finished_or_halted_runs_count_as_done(
 case "$3" in
   */ok/*) echo trained; exit 0;;
   */halted/*) echo "{HALT_MESSAGE} loss not finite"; exit 1;;
-  *) mkdir -p "$(dirname "$3")/logs"; echo "step,val/loss" > "$(dirname "$3")/logs/metrics.csv"; exit 1;;
+  *) exit 1;;
 esac"""
     trainer = _fake_trainer(tmp_path, body)
     monkeypatch.setattr(evidence_runner, "sdmoe_train_executable", lambda: trainer)
@@ -56,27 +57,22 @@ esac"""
     assert sum("/ok/" in path for path in trained) == 1, "a finished run is not trained again"
     assert sum("/halted/" in path for path in trained) == 1
     assert sum("/crashed/" in path for path in trained) == 2
-    # The retry's logger would delete the crashed attempt's metrics; the runner moved them aside first.
-    assert (jobs[2].run_dir / "earlier_attempts" / "attempt_1" / "metrics.csv").is_file()
 
 
-def _write_metrics(path: Path, rows: list[tuple[int, float]]) -> None:
+def _write_attempt(run_dir: Path, version: int, rows: list[tuple[int, float]]) -> None:
+    """One attempt's log where the CLI's default logger puts it, written ``version`` minutes after the first."""
+    path = run_dir / "logs" / f"version_{version}" / "metrics.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("step,val/loss\n" + "".join(f"{step},{value}\n" for step, value in rows))
+    os.utime(path, (1_000_000 + 60 * version, 1_000_000 + 60 * version))
 
 
-def test_an_interrupted_attempts_metrics_are_kept_and_joined_with_the_resumed_one(tmp_path: Path) -> None:
+def test_the_attempts_of_a_resumed_run_are_joined(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    assert keep_earlier_metrics(run_dir) is None
-    _write_metrics(run_dir / "logs" / "metrics.csv", [(49, 5.0), (99, 4.0), (149, 3.5)])
-    first = keep_earlier_metrics(run_dir)
-    assert first == run_dir / "earlier_attempts" / "attempt_1" / "metrics.csv"
-    assert not (run_dir / "logs" / "metrics.csv").exists()
+    _write_attempt(run_dir, 0, [(49, 5.0), (99, 4.0), (149, 3.5)])
     # The second attempt resumed from the step-100 checkpoint: its step 149 replaces the first attempt's.
-    _write_metrics(run_dir / "logs" / "metrics.csv", [(149, 3.4), (199, 3.0)])
-    second = keep_earlier_metrics(run_dir)
-    assert second == run_dir / "earlier_attempts" / "attempt_2" / "metrics.csv"
-    _write_metrics(run_dir / "logs" / "metrics.csv", [(199, 2.9), (249, 2.8)])
+    _write_attempt(run_dir, 1, [(149, 3.4), (199, 3.0)])
+    _write_attempt(run_dir, 2, [(199, 2.9), (249, 2.8)])
 
     assert read_scalars(run_dir)["val/loss"] == [(49, 5.0), (99, 4.0), (149, 3.4), (199, 2.9), (249, 2.8)]
 

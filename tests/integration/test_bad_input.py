@@ -127,6 +127,15 @@ def _all_checkpoints_damaged(prepared: Prepared, tmp_path: Path) -> list[str]:
     return ["--config", str(recipe)]
 
 
+def _torch_file(tmp_path: Path, name: str, content: str) -> Path:
+    """A complete ``torch.save`` archive that is no training checkpoint: a tensor, or a dict without its entries."""
+    import torch
+
+    path = tmp_path / name
+    torch.save(torch.zeros(3) if content == "tensor" else {"weights": torch.zeros(3)}, path)
+    return path
+
+
 def _corpus_pattern(prepared: Prepared) -> str:
     return yaml.safe_load(prepared.recipe.read_text())["data"]["corpus"]["data_files"][0]
 
@@ -441,6 +450,64 @@ BAD_INPUTS = [
         setup=_csv_version_with_metrics,
     ),
     BadInput("corrupt_init_from", expected=["init_from", "SHA-256"], setup=_corrupt_init_from),
+    # Not-a-number and infinite settings: `value <= 0` is false for NaN, so they need their own check.
+    BadInput("lr_not_finite", ["--model.optim.lr=.inf"], ["optim.lr=inf must be positive and finite"]),
+    BadInput("adam_eps_zero", ["--model.optim.eps=0"], ["optim.eps=0.0 must be positive"]),
+    BadInput("weight_decay_nan", ["--model.optim.weight_decay=.nan"], ["optim.weight_decay=nan", ">= 0 and finite"]),
+    BadInput("init_std_nan", ["--model.arch.init_std=.nan"], ["arch.init_std=nan must be positive and finite"]),
+    BadInput("aux_loss_coef_inf", ["--model.arch.moe.aux_loss_coef=.inf"], ["moe.aux_loss_coef=inf"]),
+    BadInput("capacity_factor_nan", ["--model.arch.moe.capacity_factor=.nan"], ["moe.capacity_factor=nan"]),
+    BadInput(
+        "ssmoe_tau_inf",
+        ["--model.ssmoe.enabled=true", "--model.ssmoe.tau=.inf"],
+        ["ssmoe.tau=inf must be positive and finite"],
+    ),
+    # Trainer settings Lightning accepts but that fail (or flip gradients) once training runs.
+    BadInput("accumulate_grad_batches_zero", ["--trainer.accumulate_grad_batches=0"], ["accumulate_grad_batches=0"]),
+    BadInput("val_check_interval_zero", ["--trainer.val_check_interval=0"], ["val_check_interval=0"]),
+    BadInput(
+        "check_val_every_n_epoch_zero",
+        ["--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=0"],
+        ["check_val_every_n_epoch=0 must be >= 1"],
+    ),
+    BadInput("gradient_clip_val_negative", ["--trainer.gradient_clip_val=-1"], ["gradient_clip_val=-1", ">= 0"]),
+    # Lightning's own checks of the trainer section: a message, not its MisconfigurationException traceback.
+    BadInput("max_steps_below_minus_one", ["--trainer.max_steps=-2"], ["invalid trainer setting", "max_steps"]),
+    BadInput("limit_val_batches_negative", ["--trainer.limit_val_batches=-1"], ["invalid trainer setting", "-1"]),
+    BadInput(
+        "logger_save_dir_below_a_file",
+        expected=["cannot write to", "(trainer.logger CSVLogger save_dir):", "a_file is a file"],
+        setup=lambda prepared, tmp: [
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={_garbage_file(tmp, 'a_file') / 'logs'}",
+        ],
+    ),
+    BadInput(
+        "downstream_evaluation_negative_fewshot",
+        [
+            "--trainer.callbacks+=sdmoe_train.lightning.callbacks.DownstreamEvaluation",
+            "--trainer.callbacks.num_fewshot=-1",
+        ],
+        ["DownstreamEvaluation.num_fewshot=-1 must be >= 0"],
+    ),
+    BadInput(
+        "downstream_evaluation_fractional_limit",
+        [
+            "--trainer.callbacks+=sdmoe_train.lightning.callbacks.DownstreamEvaluation",
+            "--trainer.callbacks.limit=2.5",
+        ],
+        ["DownstreamEvaluation.limit=2.5: a count of documents per task must be whole"],
+    ),
+    BadInput(
+        "ckpt_path_is_a_plain_directory",
+        expected=["is a directory but no sharded checkpoint", "rank_00000.pt"],
+        setup=lambda prepared, tmp: [f"--ckpt_path={tmp}"],
+    ),
+    BadInput(
+        "ckpt_path_of_a_saved_tensor",
+        expected=["tensor.ckpt holds a Tensor, not a training checkpoint"],
+        setup=lambda prepared, tmp: [f"--ckpt_path={_torch_file(tmp, 'tensor.ckpt', 'tensor')}"],
+    ),
 ]
 
 
@@ -463,19 +530,23 @@ def test_there_are_at_least_twenty_bad_input_cases() -> None:
     assert len({case.name for case in BAD_INPUTS}) == len(BAD_INPUTS) >= 20
 
 
+def assert_exits_2_naming(argv: list[str], expected: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs ``sdmoe-train argv`` and checks that it exits with code 2 and every expected phrase on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2, error[-2000:]
+    for phrase in expected:
+        assert phrase in error, f"{phrase!r} missing from:\n{error[-2000:]}"
+
+
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda case: case.name)
 def test_bad_input_fails_fast_naming_problem_and_fix(
     case: BadInput, prepared: Prepared, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     extra = case.setup(prepared, tmp_path) if case.setup else []
-    capsys.readouterr()
-    argv = ["fit", "--config", str(prepared.recipe), *case.args, *extra]
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 2, error[-2000:]
-    for phrase in case.expected:
-        assert phrase in error, f"{phrase!r} missing from:\n{error[-2000:]}"
+    assert_exits_2_naming(["fit", "--config", str(prepared.recipe), *case.args, *extra], case.expected, capsys)
     losses = prepared.root / "run" / "losses_rank0.txt"
     assert max(int(line.split()[0]) for line in losses.read_text().splitlines()) == 2, "a training step ran"
 
@@ -565,6 +636,19 @@ BAD_SUBCOMMAND_INPUTS = [
         ["another OUT_DIR"],
     ),
     BadSubcommandInput(
+        "import_upcycle_top_k_above_experts",
+        lambda exported, tmp: [
+            "import",
+            str(exported / "hf"),
+            str(tmp / "out"),
+            "--upcycle_experts",
+            "2",
+            "--upcycle_top_k",
+            "3",
+        ],
+        ["--upcycle_top_k=3 must lie in [1, --upcycle_experts=2]"],
+    ),
+    BadSubcommandInput(
         "export_truncated_checkpoint",
         lambda exported, tmp: [
             "export",
@@ -616,11 +700,142 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_bad_export_or_import_input_exits_2_naming_the_file(
     case: BadSubcommandInput, exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = case.damage(exported, tmp_path)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 2, error[-2000:]
-    for phrase in case.expected:
-        assert phrase in error, f"{phrase!r} missing from:\n{error[-2000:]}"
+    assert_exits_2_naming(case.damage(exported, tmp_path), case.expected, capsys)
+
+
+# --- the other subcommands: their arguments and output paths --------------------------------------------
+
+
+@dataclass
+class BadArguments:
+    name: str
+    argv: Callable[[Prepared, Path], list[str]]
+    """The whole command line, given the prepared run and the case's folder."""
+    expected: list[str] = field(default_factory=list)
+
+
+def _a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return path
+
+
+def _damaged_metrics(tmp_path: Path) -> Path:
+    metrics = tmp_path / "run" / "logs" / "version_0" / "metrics.csv"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("step,train/lm_loss\n0,5.0\n1,\x00garbage\n")
+    return tmp_path / "run"
+
+
+def _ssmoe_eval(prepared: Prepared, *extra: str) -> list[str]:
+    return [
+        "ssmoe-eval",
+        "--config",
+        str(prepared.recipe),
+        "--ckpt_path",
+        str(prepared.checkpoints / "last.ckpt"),
+        *extra,
+    ]
+
+
+def _evaluate(prepared: Prepared, *extra: str) -> list[str]:
+    pytest.importorskip("lm_eval")
+    checkpoint = str(prepared.checkpoints / "last.ckpt")
+    return ["evaluate", "--config", str(prepared.recipe), "--ckpt_path", checkpoint, "--tasks", "shakespeare", *extra]
+
+
+BAD_ARGUMENTS = [
+    BadArguments(
+        "report_damaged_metrics_csv",
+        lambda prepared, tmp: ["report", str(_damaged_metrics(tmp))],
+        ["metrics.csv line 3 is not a metrics table", "garbage", "repair"],
+    ),
+    BadArguments(
+        "report_out_below_a_file",
+        lambda prepared, tmp: ["report", str(tmp), "--out", str(_a_file(tmp) / "report.html")],
+        ["cannot write to", "a_file", "(--out)"],
+    ),
+    BadArguments(
+        "presets_write_into_a_file",
+        lambda prepared, tmp: ["presets", "--write", str(_a_file(tmp))],
+        ["--write=", "a_file' is a file, not a directory"],
+    ),
+    BadArguments(
+        "demo_corpus_into_a_file",
+        lambda prepared, tmp: ["demo-corpus", str(_a_file(tmp))],
+        ["DEST=", "a_file' is a file, not a directory"],
+    ),
+    BadArguments(
+        "kjv_corpus_below_a_file",
+        lambda prepared, tmp: ["kjv-corpus", str(_a_file(tmp) / "kjv")],
+        ["cannot write to", "a_file/kjv' (DEST)"],
+    ),
+    BadArguments(
+        "ssmoe_eval_ckpt_path_is_a_directory",
+        lambda prepared, tmp: [*_ssmoe_eval(prepared)[:-1], str(tmp)],
+        ["--ckpt_path=", "is a directory", "sdmoe-train consolidate"],
+    ),
+    BadArguments(
+        "ssmoe_eval_not_a_lightning_checkpoint",
+        lambda prepared, tmp: [*_ssmoe_eval(prepared)[:-1], str(_torch_file(tmp, "weights.ckpt", "dict"))],
+        ["weights.ckpt' has no model architecture", "sdmoe-train fit"],
+    ),
+    BadArguments(
+        "ssmoe_eval_without_blends",
+        lambda prepared, tmp: _ssmoe_eval(prepared, "--blends", "[]"),
+        ["--blends is empty"],
+    ),
+    BadArguments(
+        "ssmoe_eval_limit_val_batches_zero",
+        lambda prepared, tmp: _ssmoe_eval(prepared, "--limit_val_batches", "0"),
+        ["--limit_val_batches=0 must be >= 1"],
+    ),
+    BadArguments(
+        "ssmoe_eval_output_is_a_directory",
+        lambda prepared, tmp: _ssmoe_eval(prepared, "--output", str(tmp)),
+        ["--output=", "is a directory; give a file name"],
+    ),
+    BadArguments(
+        "evaluate_out_is_a_directory",
+        lambda prepared, tmp: _evaluate(prepared, "--out", str(tmp)),
+        ["--out=", "is a directory; give a file name"],
+    ),
+    BadArguments(
+        "evaluate_fractional_limit_above_one",
+        lambda prepared, tmp: _evaluate(prepared, "--limit", "1.5"),
+        ["--limit=1.5: a count of documents per task must be whole"],
+    ),
+    BadArguments(
+        "evaluate_negative_bootstrap_iters",
+        lambda prepared, tmp: _evaluate(prepared, "--bootstrap_iters", "-1"),
+        ["--bootstrap_iters=-1 must be >= 0"],
+    ),
+    BadArguments(
+        "build_eval_tasks_out_is_a_file",
+        lambda prepared, tmp: ["build-eval-tasks", "--config", str(prepared.recipe), "--out", str(_a_file(tmp))],
+        ["--out=", "a_file' is a file, not a directory"],
+    ),
+    BadArguments(
+        "consolidate_damaged_rank_file",
+        lambda prepared, tmp: ["consolidate", str(_garbage_file(tmp, "rank_00000.pt").parent), str(tmp / "out.ckpt")],
+        ["cannot consolidate", "rank_00000.pt is not a complete torch checkpoint archive"],
+    ),
+    BadArguments(
+        "consolidate_out_below_a_file",
+        lambda prepared, tmp: ["consolidate", str(tmp), str(_a_file(tmp) / "out.ckpt")],
+        ["cannot write to", "a_file' (OUT.ckpt)"],
+    ),
+    BadArguments(
+        # Without Slurm, scontrol is missing; with it, the id is unknown: either way a message, not a traceback.
+        "requeue_unknown_job",
+        lambda prepared, tmp: ["requeue", "no-such-job", "--no_release"],
+        ["requeue job", "no-such-job"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS, ids=lambda case: case.name)
+def test_bad_subcommand_argument_exits_2_naming_it(
+    case: BadArguments, prepared: Prepared, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert_exits_2_naming(case.argv(prepared, tmp_path), case.expected, capsys)

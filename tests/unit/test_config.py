@@ -106,6 +106,30 @@ INVALID_CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
         lambda: TransformerConfig(init_std=-0.02),
         r"arch\.init_std=-0\.02 must be positive",
     ),
+    # NaN compares false with everything, so `value <= 0` alone would let it through.
+    "nan_init_std": (
+        lambda: TransformerConfig(init_std=float("nan")),
+        r"arch\.init_std=nan must be positive and finite",
+    ),
+    "infinite_norm_eps": (lambda: TransformerConfig(norm_eps=float("inf")), r"arch\.norm_eps=inf must be positive and"),
+    "nan_rope_theta": (
+        lambda: AttentionConfig(rope_theta=float("nan")),
+        r"attention\.rope_theta=nan must be positive and finite",
+    ),
+    "nan_capacity_factor": (
+        lambda: MoEConfig(capacity_factor=float("nan")),
+        r"moe\.capacity_factor=nan must be positive and finite",
+    ),
+    "infinite_routed_scaling_factor": (
+        lambda: MoEConfig(routed_scaling_factor=float("inf")),
+        r"moe\.routed_scaling_factor=inf must be positive and finite",
+    ),
+    "nan_aux_loss_coef": (lambda: MoEConfig(aux_loss_coef=float("nan")), r"moe\.aux_loss_coef=nan must be >= 0"),
+    "infinite_seq_aux_loss_coef": (
+        lambda: MoEConfig(seq_aux_loss_coef=float("inf")),
+        r"moe\.seq_aux_loss_coef=inf must be >= 0 and finite",
+    ),
+    "nan_bias_update_rate": (lambda: MoEConfig(bias_update_rate=float("nan")), r"moe\.bias_update_rate=nan must be"),
 }
 
 

@@ -19,6 +19,7 @@ from sdmoe_train.errors import ConfigError  # noqa: E402
 from sdmoe_train.evaluation.adapter import SDMoELM  # noqa: E402
 from sdmoe_train.evaluation.isolation import evaluation_mode  # noqa: E402
 from sdmoe_train.models.config import TransformerConfig  # noqa: E402
+from sdmoe_train.models.kv_cache import KVCache  # noqa: E402
 from sdmoe_train.models.transformer import Transformer  # noqa: E402
 from tests.corpora import make_documents, make_tokenizer  # noqa: E402
 
@@ -163,7 +164,8 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tiny_config: T
 class _CountingModel(nn.Module):
     """A stand-in language model whose greedy next token is always the last input token + 1.
 
-    Its "hidden states" are already the logits, so its ``lm_head`` is the identity.
+    Its "hidden states" are already the logits, so its ``lm_head`` is the identity. It records the token rows it
+    is fed and the capacity of each cache it makes.
     """
 
     def __init__(self, vocab_size: int, max_seq_len: int) -> None:
@@ -171,12 +173,20 @@ class _CountingModel(nn.Module):
         self.config = TransformerConfig(vocab_size=vocab_size, max_seq_len=max_seq_len)
         self.scale = nn.Parameter(torch.ones(()))
         self.lm_head = nn.Identity()
-        self.widths: list[int] = []
+        self.fed: list[list[list[int]]] = []
+        self.capacities: list[int] = []
 
-    def hidden_states(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, None]:
-        self.widths.append(tokens_BS.shape[1])
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        self.capacities.append(capacity)
+        return KVCache(0, batch_size, capacity, torch.device("cpu"))
+
+    def decode(self, tokens_BS: torch.Tensor, cache: KVCache, valid_BS: torch.Tensor | None = None) -> torch.Tensor:
+        valid_BS = torch.ones_like(tokens_BS, dtype=torch.bool) if valid_BS is None else valid_BS
+        cache.start_step(valid_BS)
+        cache.finish_step()
+        self.fed.append([row[valid].tolist() for row, valid in zip(tokens_BS, valid_BS, strict=True)])
         targets_BS = (tokens_BS + 1) % self.config.vocab_size
-        return F.one_hot(targets_BS, self.config.vocab_size).float() * self.scale, None
+        return F.one_hot(targets_BS, self.config.vocab_size).float() * self.scale
 
 
 def _generate(lm: SDMoELM, prompts: list[str], **settings: object) -> list[str]:
@@ -217,13 +227,54 @@ def test_batched_generation_of_prompts_of_different_lengths_equals_one_at_a_time
     assert single[0] == "bcdef" and single[3] == _counted(lm, "x", 5)
 
 
-def test_generation_past_the_context_window_keeps_the_latest_tokens(tokenizer: Tokenizer) -> None:
+def test_a_prompt_keeps_its_last_tokens_leaving_room_for_max_gen_toks(tokenizer: Tokenizer) -> None:
     model = _CountingModel(300, 8)
     lm = SDMoELM(model, tokenizer)
     prompt = "the king hath never come to thee"
-    assert len(lm.tok_encode(prompt)) > 4
-    assert _generate(lm, [prompt], until=[], max_gen_toks=10)[0] == _counted(lm, prompt, 10)
-    assert max(model.widths) == 8
+    assert len(lm.tok_encode(prompt)) > 5
+    assert _generate(lm, [prompt], until=[], max_gen_toks=3)[0] == _counted(lm, prompt, 3)
+    # As lm-eval's hf model: the prompt keeps its last max_seq_len - max_gen_toks tokens; the cache holds them
+    # and every generated token but the last, which is never fed.
+    assert model.fed[0] == [lm.tok_encode(prompt)[-5:]]
+    assert model.capacities == [7]
+
+
+def test_a_max_gen_toks_that_leaves_no_room_for_the_prompt_is_refused_and_zero_generates_nothing(
+    tokenizer: Tokenizer,
+) -> None:
+    lm = SDMoELM(_CountingModel(300, 8), tokenizer)
+    with pytest.raises(ConfigError, match="max_gen_toks=8 tokens leaves no room for the prompt .* max_seq_len=8"):
+        _generate(lm, ["the king"], until=[], max_gen_toks=8)
+    assert _generate(lm, ["the king"], until=[], max_gen_toks=0) == [""]
+
+
+def test_finished_rows_leave_the_batch_and_the_others_decode_on(tokenizer: Tokenizer) -> None:
+    model = _CountingModel(300, 64)
+    lm = SDMoELM(model, tokenizer, batch_size=2)
+    # "a" counts b, c, d, ... and stops at "d"; "k" counts l, m, n, ... past it.
+    assert _generate(lm, ["a", "k"], until=["d"], max_gen_toks=5) == ["bc", _counted(lm, "k", 5)]
+    assert [len(rows) for rows in model.fed] == [2, 2, 2, 1, 1]
+
+
+def test_generation_equals_greedy_decoding_by_full_forward_passes_in_any_batch(
+    tiny_config: TransformerConfig, tokenizer: Tokenizer
+) -> None:
+    tiny_config.vocab_size, tiny_config.max_seq_len = 300, MAX_SEQ_LEN
+    tiny_config.init_std = 0.1  # logits far from ties, so float rounding cannot flip a greedy choice
+    model = Transformer(tiny_config).eval()
+    prompts = ["the king hath", "storm", " ".join(["why doth the fool speak of death"] * 4), "doc001: thou doth"]
+    lm = SDMoELM(model, tokenizer, batch_size=1)
+    expected = []
+    for prompt in prompts:
+        tokens = lm.tok_encode(prompt)[-(MAX_SEQ_LEN - 6) :]  # room for max_gen_toks=6 new tokens
+        new: list[int] = []
+        with torch.no_grad():
+            while len(new) < 6 and lm.eot_token_id not in new:
+                new.append(int(model(torch.tensor([tokens + new])).logits[0, -1].argmax()))
+        expected.append(lm.tok_decode(new))
+    assert len(lm.tok_encode(prompts[2])) > MAX_SEQ_LEN
+    assert _generate(lm, prompts, until=[], max_gen_toks=6) == expected
+    assert _generate(SDMoELM(model, tokenizer, batch_size=3), prompts, until=[], max_gen_toks=6) == expected
 
 
 def test_sampled_generation_is_refused_with_the_setting_to_change(tokenizer: Tokenizer) -> None:

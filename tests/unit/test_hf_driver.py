@@ -121,6 +121,26 @@ def test_a_bare_tokenizer_json_gets_a_tokenizer_config(tmp_path: Path) -> None:
     assert settings["eos_token"] == "<|endoftext|>" and (tmp_path / "out" / "tokenizer.json").is_file()
 
 
+def test_an_export_with_a_tokenizer_names_its_end_of_text_token_for_generation(tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    from tokenizers import Tokenizer, models
+
+    from sdmoe_train.interop.hf.driver import export_model
+
+    # Without eos_token_id, transformers' generate() decodes a finished sequence of a batch on past the end of text.
+    tokenizer = tmp_path / "tok.json"
+    Tokenizer(models.WordLevel({"a": 0, "b": 1, "<|endoftext|>": 2}, unk_token="a")).save(str(tokenizer))
+    model = Transformer(small("tiny_qwen_moe"))
+    export_model(model, tmp_path / "with", tokenizer=tokenizer)
+    assert json.loads((tmp_path / "with" / "config.json").read_text())["eos_token_id"] == 2
+    generation = json.loads((tmp_path / "with" / "generation_config.json").read_text())
+    assert generation == {"eos_token_id": 2, "pad_token_id": 2}
+
+    export_model(model, tmp_path / "without")
+    assert "eos_token_id" not in json.loads((tmp_path / "without" / "config.json").read_text())
+    assert not (tmp_path / "without" / "generation_config.json").exists()
+
+
 def test_families_are_found_by_file_and_the_driver_names_none() -> None:
     from sdmoe_train.interop.hf import adapter, driver
     from sdmoe_train.interop.hf.families import all_adapters, export_adapters

@@ -38,3 +38,25 @@ def test_a_failed_atomic_write_leaves_the_previous_file_and_no_temporary(tmp_pat
         raise RuntimeError("disk full")
     assert target.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]
+
+
+def test_the_new_file_is_renamed_into_place_so_a_reader_of_the_old_one_sees_it_whole(tmp_path: Path) -> None:
+    # Writing over the old file in place (a copy instead of a rename) would change what an open reader gets,
+    # and a crash in the middle would leave a torn file under the final name.
+    target = tmp_path / "manifest.json"
+    target.write_text("previous version")
+    with target.open() as reader:
+        write_text_atomically(target, "new")
+        assert reader.read() == "previous version"
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"], "a temporary was left behind"
+
+
+def test_an_atomic_directory_replaces_the_previous_one_entirely(tmp_path: Path) -> None:
+    target = tmp_path / "hf"
+    (target / "old").mkdir(parents=True)
+    (target / "old" / "shard.bin").write_text("stale")
+    with atomic_path(target, directory=True) as temp:
+        (temp / "model.bin").write_text("fresh")
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["model.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"], "the moved-aside or temporary directory was left behind"

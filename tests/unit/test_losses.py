@@ -10,6 +10,9 @@ import math
 import pytest
 import torch
 
+from sdmoe_train.lightning.module import PretrainModule
+from sdmoe_train.models.presets import tiny_deepseek_moe
+from sdmoe_train.models.transformer import language_model_loss
 from sdmoe_train.moe.config import MoEConfig
 from sdmoe_train.moe.dispatch import expert_capacity
 from sdmoe_train.moe.layer import MoELayer
@@ -227,3 +230,25 @@ def test_dropped_fraction_on_hand_built_routing() -> None:
     # Counts 3, 3, 1, 1; capacity ceil(1.0 · 4 · 2 / 4) = 2, so experts 0 and 1 each drop one of 8 copies.
     assert stats.tokens_per_expert_E.tolist() == [3, 3, 1, 1]
     assert stats.dropped_fraction.item() == 0.25
+
+
+def test_the_training_loss_is_the_lm_loss_plus_every_moe_layers_weighted_balancing_losses() -> None:
+    arch = tiny_deepseek_moe()
+    arch.vocab_size, arch.n_layers, arch.max_seq_len = 64, 3, 16
+    arch.moe.aux_loss_coef, arch.moe.seq_aux_loss_coef, arch.moe.z_loss_coef = 0.1, 0.05, 0.01
+    module = PretrainModule(arch)
+    module.configure_model()
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    batch = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    loss = module.training_step(batch, 0)
+
+    out = module.model(batch[:, :-1])
+    assert out.moe is not None and len(out.moe.layer_indices) == 3 - arch.moe.first_k_dense
+    balancing = (
+        0.1 * out.moe.load_balance_loss_L.sum()
+        + 0.05 * out.moe.sequence_balance_loss_L.sum()
+        + 0.01 * out.moe.z_loss_L.sum()
+    )
+    assert balancing > 0.1, "the balancing losses must be large enough to see"
+    torch.testing.assert_close(loss, language_model_loss(out.logits, batch[:, 1:]) + balancing, rtol=1e-6, atol=1e-6)

@@ -83,6 +83,12 @@ def test_too_few_steps_for_the_warmup_is_a_config_error() -> None:
         ("lr", 0.0, "optim.lr=0.0"),
         ("min_lr_ratio", 1.5, "optim.min_lr_ratio=1.5"),
         ("decay_fraction", 0.0, "decay"),
+        ("lr", float("nan"), "optim.lr=nan must be positive and finite"),
+        ("lr", float("inf"), "optim.lr=inf must be positive and finite"),
+        ("eps", 0.0, "optim.eps=0.0 must be positive"),
+        ("eps", float("nan"), "optim.eps=nan"),
+        ("weight_decay", float("nan"), "optim.weight_decay=nan must be >= 0 and finite"),
+        ("weight_decay", -0.1, "optim.weight_decay=-0.1"),
     ],
 )
 def test_invalid_optim_values_name_the_field(field: str, value: float, message: str) -> None:

@@ -338,7 +338,10 @@ def test_diagnostics_name_every_quantity_per_layer() -> None:
     [
         ("c", 1.5, r"ssmoe.c=1.5 must lie in \[0, 1\]"),
         ("k", 0, "ssmoe.k=0 must be >= 1"),
-        ("tau", 0.0, "ssmoe.tau=0.0 must be > 0"),
+        ("tau", 0.0, "ssmoe.tau=0.0 must be positive and finite"),
+        ("tau", float("inf"), "ssmoe.tau=inf must be positive and finite"),
+        ("c", float("nan"), r"ssmoe.c=nan must lie in \[0, 1\]"),
+        ("unique_cutoff", float("nan"), r"ssmoe.unique_cutoff=nan must lie in \[0, 1\)"),
         ("refresh_every", -1, "ssmoe.refresh_every=-1 must be >= 0"),
         ("variant", "naive", "ssmoe.variant='naive' must be 'full' or 'unique'"),
         ("sign", "raw", "ssmoe.sign='raw' must be 'canonical' or 'reference'"),

@@ -26,9 +26,11 @@ from sdmoe_train.interop.hf.files import (
     CONFIG_FILE,
     EXPORT_FILES,
     copy_tokenizer,
+    end_of_text_id,
     load_safetensors,
     read_hf_config,
     save_safetensors,
+    write_generation_config,
 )
 from sdmoe_train.interop.hf.target import check_output_dir, clear_owned_files
 from sdmoe_train.interop.hf.upcycle import upcycle_dense_model
@@ -207,7 +209,9 @@ def export_model(
         model: the model to export; its parameters' dtype is kept.
         out_dir: created if missing; receives config.json, safetensors weights and tokenizer files.
         arch: target family (``model_type``); None picks the one that matches ``model.config`` exactly.
-        tokenizer: tokenizer.json file or tokenizer directory to copy, or None.
+        tokenizer: tokenizer.json file or tokenizer directory to copy, or None. Its end-of-document token (see
+            ``EOS_CANDIDATES``) becomes ``eos_token_id`` of config.json and generation_config.json, where
+            transformers' generation stops.
         max_shard_size: largest weight file, e.g. ``"2GB"``.
         overwrite: ``out_dir`` may hold an earlier export: its weights, index, config and tokenizer files are
             removed once this model is known to be exportable (other files stay). Without it a directory
@@ -235,9 +239,15 @@ def export_model(
     tensors = to_hf_state_dict(model.state_dict(), config, adapter, settings)
     clear_owned_files(out, EXPORT_FILES, owns_shards=True)
     save_safetensors(tensors, out, max_shard_size)
-    write_text_atomically(out / CONFIG_FILE, json.dumps(settings, indent=2) + "\n")
     if tokenizer is not None:
         copy_tokenizer(tokenizer, out, config)
+        end_of_text = end_of_text_id(out)
+        if end_of_text is not None:
+            # Without it transformers' generate() never ends a sequence at the end-of-text token: in a batch, a
+            # sequence that emitted it decodes on until every other one stops (docs/evaluation.md, "Throughput").
+            settings["eos_token_id"] = end_of_text
+            write_generation_config(out, end_of_text)
+    write_text_atomically(out / CONFIG_FILE, json.dumps(settings, indent=2) + "\n")
     return HFExport(adapter.model_type, adapter.model_class, adapter.conversion_notes(config))
 
 

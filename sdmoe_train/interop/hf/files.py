@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
 from torch import Tensor
 
 from sdmoe_train.data.tokenizer import EOS_CANDIDATES, load_tokenizer
@@ -149,12 +150,35 @@ def copy_tokenizer(source: str | Path, out_dir: Path, config: TransformerConfig)
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": config.max_seq_len,
         }
-        eos = next((token for token in EOS_CANDIDATES if tokenizer.token_to_id(token) is not None), None)
+        eos = _end_of_text_token(tokenizer)
         if eos is not None:
             settings["eos_token"] = eos
         write_text_atomically(out_dir / "tokenizer_config.json", json.dumps(settings, indent=2) + "\n")
         copied.append(out_dir / "tokenizer_config.json")
     return [Path(p) for p in copied]
+
+
+def end_of_text_id(hf_dir: Path) -> int | None:
+    """Id of the end-of-document token of a checkpoint directory's tokenizer.json; None without either."""
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    tokenizer = load_tokenizer(path)
+    eos = _end_of_text_token(tokenizer)
+    return None if eos is None else tokenizer.token_to_id(eos)
+
+
+def write_generation_config(hf_dir: Path, eos_token_id: int) -> Path:
+    """Write generation_config.json: greedy and sampled generation end a sequence at ``eos_token_id``, which also
+    pads the sequences of a batch that ended early (as Qwen's checkpoints do)."""
+    settings = {"eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
+    path = hf_dir / GENERATION_CONFIG_FILE
+    write_text_atomically(path, json.dumps(settings, indent=2) + "\n")
+    return path
+
+
+def _end_of_text_token(tokenizer: Tokenizer) -> str | None:
+    return next((token for token in EOS_CANDIDATES if tokenizer.token_to_id(token) is not None), None)
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:

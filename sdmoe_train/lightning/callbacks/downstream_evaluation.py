@@ -27,6 +27,7 @@ from sdmoe_train.data.tokenizer import load_tokenizer
 from sdmoe_train.errors import ConfigError
 from sdmoe_train.evaluation import require_lm_eval
 from sdmoe_train.evaluation.isolation import autocast_dtype, preserved_rng_state
+from sdmoe_train.evaluation.options import check_run_options
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,13 @@ class DownstreamEvaluation(L.Callback):
     ) -> None:
         if every_n_steps < 1:
             raise ConfigError(f"DownstreamEvaluation.every_n_steps={every_n_steps} must be >= 1")
-        if limit is not None and limit <= 0:
-            raise ConfigError(f"DownstreamEvaluation.limit={limit} must be > 0 (documents, or a share below 1)")
-        if batch_size < 1:
-            raise ConfigError(f"DownstreamEvaluation.batch_size={batch_size} must be >= 1")
+        check_run_options(
+            "DownstreamEvaluation.",
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            max_gen_toks=max_gen_toks,
+        )
         if distributed not in ("split", "rank_zero"):
             raise ConfigError(f"DownstreamEvaluation.distributed={distributed!r} must be 'split' or 'rank_zero'")
         self.every_n_steps = every_n_steps
