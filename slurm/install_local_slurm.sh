@@ -120,10 +120,30 @@ start() {
 }
 
 stop() {
-    for pid_file in /run/slurmd.pid /run/slurmd-*.pid /run/slurmctld.pid; do
-        [ -s "$pid_file" ] && $SUDO kill "$(cat "$pid_file")" 2>/dev/null || true
+    local pid_file pid stopping=()
+    for pid_file in /run/slurmd.pid /run/slurmd-*.pid /run/slurmctld.pid /run/munge/munged.pid; do
+        [ -s "$pid_file" ] || continue
+        pid=$(cat "$pid_file")
+        $SUDO kill "$pid" 2>/dev/null && stopping+=("$pid")
     done
-    [ -s /run/munge/munged.pid ] && $SUDO kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
+    # Wait until they have exited: `start` right after would otherwise see a dying daemon and not start it
+    # (measured: munged still exiting when `start` looked, then gone, and no node could authenticate). A slurmd
+    # whose munged is gone can hang in its shutdown: after 10 s it is killed.
+    for pid in ${stopping[@]+"${stopping[@]}"}; do
+        for _ in $(seq 100); do
+            running "$pid" || break
+            sleep 0.1
+        done
+        running "$pid" && $SUDO kill -9 "$pid" 2>/dev/null
+    done
+    return 0
+}
+
+# Whether process PID exists and is not a zombie (nothing here may reap the daemons once they exit).
+running() {
+    local state
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ -n "$state" ] && [ "$state" != Z ]
 }
 
 case "${1:-}" in

@@ -12,9 +12,6 @@ set -uo pipefail
 RECIPE=${1:?usage: launch.sh RECIPE [fit arguments...]}
 shift
 PYTHON=${PYTHON:-python}
-echo "[$(date -Is)] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NNODES} node(s) x" \
-    "${SLURM_NTASKS_PER_NODE:-1} task(s), recipe ${RECIPE}"
-
 signal_received=0
 forward_signal() {
     signal_received=1
@@ -22,6 +19,9 @@ forward_signal() {
     [ -n "${srun_pid:-}" ] && kill -USR1 "$srun_pid" 2>/dev/null
 }
 trap forward_signal USR1
+# Printed once the trap is set: from this line on a USR1 is never lost.
+echo "[$(date -Is)] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NNODES} node(s) x" \
+    "${SLURM_NTASKS_PER_NODE:-1} task(s), recipe ${RECIPE}"
 
 # Since Slurm 22.05 srun no longer takes --cpus-per-task from the allocation (sbatch(1): "srun will not
 # inherit the --cpus-per-task value requested by salloc or sbatch"); without this each task may get one CPU

@@ -5,8 +5,8 @@
 - :mod:`.resume`: which checkpoint ``fit`` continues from (explicit and verified, or the newest valid one);
 - :mod:`.run_identity`: what a checkpoint must share with the run resuming it;
 - :mod:`.model_state`: where a checkpoint keeps the transformer's weights;
-- :mod:`.signals`, :mod:`.preemption`, :mod:`.slurm`: preemption signals as flags, the callback that saves,
-  stops and requeues, and the Slurm requeue with its release job;
+- :mod:`.preemption`, :mod:`.slurm`: the callback that turns preemption signals (held as flags by
+  :mod:`sdmoe_train.signals`) into a save, a stop and a requeue, and the Slurm requeue with its release job;
 - :mod:`.wandb_run_id`: a resumed or requeued run logs to the same W&B run;
 - :mod:`.consolidate`: per-rank expert-parallel checkpoints joined into one file.
 

@@ -110,7 +110,7 @@ def checkpoint_problem(path: str | Path, entry: dict[str, Any] | None = None) ->
     if not path.exists():
         return f"{path} does not exist"
     if entry is None:
-        return None if path.is_dir() else _unreadable_archive(path)
+        return None if path.is_dir() else archive_problem(path)
     for key, expected in entry["files"].items():
         file = path if key == "." else path / key
         if not file.is_file():
@@ -123,7 +123,8 @@ def checkpoint_problem(path: str | Path, entry: dict[str, Any] | None = None) ->
     return None
 
 
-def _unreadable_archive(path: Path) -> str | None:
+def archive_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete ``torch.save`` archive (every member's CRC is checked), or None."""
     import zipfile
 
     if not zipfile.is_zipfile(path):

@@ -1,6 +1,6 @@
 """Save at the next step boundary on a preemption signal, then requeue the Slurm job and exit cleanly.
 
-Signal handlers only set flags (:mod:`sdmoe_train.checkpointing.signals`). After every optimizer step all ranks
+Signal handlers only set flags (:mod:`sdmoe_train.signals`). After every optimizer step all ranks
 reduce their flags (one tiny all-reduce), so they agree on the same step even when the signal
 reached only some of them. Then every :class:`PeriodicCheckpoint` saves, training stops, and in
 ``teardown`` rank 0 requeues the job: the requeued run resumes from that checkpoint by auto-resume.
@@ -24,8 +24,10 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.states import TrainerFn
 
-from sdmoe_train.checkpointing import signals, slurm
+from sdmoe_train import signals
+from sdmoe_train.checkpointing import slurm
 from sdmoe_train.checkpointing.periodic import PeriodicCheckpoint
 from sdmoe_train.errors import ConfigError
 
@@ -109,6 +111,28 @@ class PreemptionHandler(L.Callback):
             callback.save_now(trainer)
         trainer.should_stop = True
 
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        # A validation on its own (fit's first one before training, or `sdmoe-train validate`) has no step to
+        # save, so a signal ends it at the next batch, on every rank together, instead of after its last.
+        if trainer.state.fn != TrainerFn.VALIDATING:
+            return
+        request = self._agreed_request(trainer)
+        if request != _NONE:
+            signum = self.requeue_signal if request == _REQUEUE else self._received_stop_signal()
+            raise signals.StopRequested(signum, "validation")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # A signal stopped the run before training (data preparation, the first validation): requeue as a
+        # stop during training would; the CLI reports it and exits 0.
+        if not isinstance(exception, signals.StopRequested):
+            return
+        requeue = exception.signum == self.requeue_signal or signals.received(self.requeue_signal)
+        self.stopped_for = "requeue" if requeue else "stop"
+        self._finish(trainer)
+
+    def _received_stop_signal(self) -> int:
+        return next((signum for signum in self.stop_signals if signals.received(signum)), self.stop_signals[0])
+
     def _agreed_request(self, trainer: L.Trainer) -> int:
         """What the signals received so far ask for, agreed by all ranks (the most drastic request wins)."""
         request = _REQUEUE if signals.received(self.requeue_signal) else _NONE
@@ -124,6 +148,10 @@ class PreemptionHandler(L.Callback):
             # `fit` validates once before training (a separate `trainer.validate`): a signal received by
             # then must survive until the training loop acts on it.
             return
+        self._finish(trainer)
+
+    def _finish(self, trainer: L.Trainer) -> None:
+        """Puts the signal handlers back and, when stopped for a requeue, requeues the Slurm job (rank 0)."""
         signals.restore_signal_handlers(self._replaced_handlers)
         self._replaced_handlers = {}
         if self.stopped_for != "requeue" or not trainer.is_global_zero or self.requeue == "never":

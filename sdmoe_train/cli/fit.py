@@ -17,7 +17,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
-from sdmoe_train.checkpointing import signals
+from sdmoe_train import signals
 from sdmoe_train.checkpointing.periodic import PeriodicCheckpoint
 from sdmoe_train.checkpointing.recovery import recover_checkpoint_directory
 from sdmoe_train.checkpointing.resume import (
@@ -194,13 +194,16 @@ def _metric(trainer: Any, name: str) -> float | None:
 def run(argv: list[str] | None, epilog: str) -> None:
     """Run LightningCLI on ``argv`` (None: it reads ``sys.argv`` itself), with ``epilog`` under ``--help``.
 
-    For ``fit`` the default preemption signals (USR1, TERM) are held as flags from the start: one that arrives
-    while the model is built, the data is tokenised or the first validation runs stops the run at the start
-    of training (PreemptionHandler) instead of being lost or killing the process mid-write.
+    For ``fit`` the default preemption signals (USR1, TERM) are held as flags from the start, so none is lost
+    or kills the process mid-write. One that arrives while the data is tokenised or the first validation runs
+    ends that work at once (:func:`sdmoe_train.signals.interruptible`, PreemptionHandler): the run stops
+    before training, with a message and exit code 0, requeued for USR1 inside a Slurm job. One that arrives
+    while the model is built stops the run when the data module is set up, at the latest at the start of
+    training.
     """
     arguments = sys.argv[1:] if argv is None else argv
-    held = [signal.SIGUSR1, signal.SIGTERM]
-    replaced = signals.install_signal_flags(held) if arguments[:1] == ["fit"] else {}
+    held = [signal.SIGUSR1, signal.SIGTERM] if arguments[:1] == ["fit"] else []
+    replaced = signals.install_signal_flags(held)
     try:
         PretrainCLI(
             PretrainModule,
@@ -211,5 +214,12 @@ def run(argv: list[str] | None, epilog: str) -> None:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"epilog": epilog, "formatter_class": _HelpFormatter},
         )
+    except signals.StopRequested as stop:
+        # A clean stop, like one during training (exit 0; PreemptionHandler has requeued for the requeue
+        # signal): the interrupted work left nothing half-written and is redone by the next run.
+        message = f"stopped before training: {stop}; nothing was trained or saved" if held else f"stopped: {stop}"
+        if stop.during == signals.DATA_PREPARATION:
+            message += ", and no partial token cache is kept (the next run prepares the data again)"
+        print(f"sdmoe-train: {message}", file=sys.stderr)
     finally:
         signals.restore_signal_handlers(replaced)

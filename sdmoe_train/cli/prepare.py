@@ -1,15 +1,21 @@
 """``sdmoe-train prepare``: train the tokenizer (when missing) and build the token cache of a recipe's data section.
 
 No model is built; the same ``--config`` file as ``fit`` is accepted (:mod:`sdmoe_train.cli.recipe`).
+SIGTERM and SIGUSR1 (``scancel``, Slurm's time-limit warning) stop it within moments, also while worker
+processes tokenize: nothing half-written is kept, it says what was interrupted and exits with 128 + the
+signal's number, as a shell reports a command a signal ended (so ``prepare && fit`` does not go on).
 """
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
+from sdmoe_train import signals
 from sdmoe_train.cli.recipe import recipe_data_parser
 from sdmoe_train.data import train_corpus_tokenizer
 
@@ -31,6 +37,22 @@ def _parser() -> ArgumentParser:
 
 def run(argv: list[str]) -> None:
     """``sdmoe-train prepare``: tokenizer training and token-cache (or prepared-data) building."""
+    replaced = signals.install_signal_flags([signal.SIGTERM, signal.SIGUSR1])
+    try:
+        with signals.interruptible(signals.DATA_PREPARATION):
+            _prepare(argv)
+    except signals.StopRequested as stop:
+        print(
+            f"sdmoe-train prepare: {stop}; nothing half-written was kept: run prepare again to finish "
+            "(sources completed earlier are reused)",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + stop.signum) from None
+    finally:
+        signals.restore_signal_handlers(replaced)
+
+
+def _prepare(argv: list[str]) -> None:
     parser = _parser()
     config = parser.parse_args(argv)
     data = parser.instantiate(config).data

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
+from sdmoe_train import signals
 from sdmoe_train.data.cache import TokenCache
 from sdmoe_train.data.config import SINGLE_CORPUS_NAME, CorpusSource, DataConfig
 from sdmoe_train.data.mixture import (
@@ -139,6 +140,7 @@ class PretrainDataModule(L.LightningDataModule):
         self._sampler: TrainingSampler | MixtureSampler | None = None
         self._schedule: MixtureSchedule | None = None
         self._restored_state: dict[str, Any] | None = None
+        self._interrupted: signals.StopRequested | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -168,14 +170,22 @@ class PretrainDataModule(L.LightningDataModule):
         A ``prepared_dir`` that holds every source is only checked, so runs need neither the raw text
         nor the time to tokenize it; missing sources are prepared beside the others.
 
+        A held preemption signal (:mod:`sdmoe_train.signals`) interrupts the tokenizing at once; nothing
+        half-built is kept, and :meth:`setup` then stops every rank together (the others wait for this
+        process in Lightning's barrier, so it returns to them instead of raising alone).
+
         Raises:
             ConfigError: If the tokenizer or the data files are missing, or prepared data does not fit.
         """
-        tokenizer = self.tokenizer
-        if self.corpus.streaming:
-            self.corpus.resolve_files()
-        else:
-            ensure_token_data(self.corpus, self.sources, tokenizer, self.prepared_dir)
+        try:
+            with signals.interruptible(signals.DATA_PREPARATION):
+                tokenizer = self.tokenizer
+                if self.corpus.streaming:
+                    self.corpus.resolve_files()
+                else:
+                    ensure_token_data(self.corpus, self.sources, tokenizer, self.prepared_dir)
+        except signals.StopRequested as stop:
+            self._interrupted = stop
 
     def build_token_data(self) -> dict[str, TokenCache]:
         """Tokenizes every source that is not yet cached or prepared (what ``sdmoe-train prepare`` runs).
@@ -186,14 +196,22 @@ class PretrainDataModule(L.LightningDataModule):
         Raises:
             ConfigError: As :meth:`prepare_data`, and if a source's validation split cannot give one example
                 (checked here so that ``prepare`` fails, not the run that follows it).
+            StopRequested: A held preemption signal interrupted the tokenizing (nothing half-built is kept).
         """
-        token_data = build_token_data(self.corpus, self.sources, self.tokenizer, self.prepared_dir)
+        with signals.interruptible(signals.DATA_PREPARATION):
+            token_data = build_token_data(self.corpus, self.sources, self.tokenizer, self.prepared_dir)
         for name, cache in token_data.items():
             validation_blocks(self.corpus, cache, name if self.is_mixture else None)
         return token_data
 
     def setup(self, stage: str) -> None:
-        """Opens the token data (or the document stream) on every process."""
+        """Opens the token data (or the document stream) on every process.
+
+        Raises:
+            StopRequested: When a held preemption signal reached any rank, or interrupted the data
+                preparation: all ranks stop here together, before anything is trained.
+        """
+        self._stop_if_requested()
         if self._train_blocks is not None or self._stream is not None:
             return
         seq_len = self.corpus.seq_len
@@ -228,6 +246,21 @@ class PretrainDataModule(L.LightningDataModule):
         self._schedule = MixtureSchedule(sources, self.corpus.shuffle_seed)
         if self._restored_state is not None:
             self._restore_mixture(self._restored_state)
+
+    def _stop_if_requested(self) -> None:
+        interrupted = self._interrupted
+        if interrupted is not None:
+            request: tuple[int, str] | None = (int(interrupted.signum), interrupted.during)
+        else:
+            pending = signals.pending_stop()
+            request = None if pending is None else (int(pending), "start-up")
+        if self.trainer is not None and signals.holding():
+            # A collective: the ranks agree, so none is left waiting in one that the others never enter.
+            # Every rank of a run holds the same signals, so they all take this branch or none does.
+            request = next((r for r in all_gather_objects(self.trainer, request) if r is not None), None)
+        if request is not None:
+            self._interrupted = None
+            raise signals.StopRequested(*request)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, rank-sharded, resumable batches (endless in streaming mode)."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,9 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
-from sdmoe_train.checkpointing.manifest import read_manifest
 from sdmoe_train.cli import SUBCOMMANDS, main
-from sdmoe_train.data import PretrainDataModule
+from sdmoe_train.data import cache as cache_module
+from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.models import presets
 from sdmoe_train.models.config import TransformerConfig
 from sdmoe_train.report.dashboard import read_run
@@ -262,18 +264,48 @@ def test_a_second_fit_on_a_run_directory_in_use_refuses(tmp_path: Path, capsys: 
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_a_stop_signal_while_the_data_is_prepared_stops_the_run_before_training(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_stop_signal_while_the_data_is_tokenized_stops_at_once_and_keeps_no_partial_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    recipe = _write_recipe(tmp_path, max_steps=6)
+    recipe = _write_recipe(tmp_path, max_steps=3)
     main(["prepare", "--config", str(recipe)])
-    prepare = PretrainDataModule.prepare_data
+    shutil.rmtree(tmp_path / "cache")  # the tokenizer stays; the cache must be built again by `fit`
 
-    def prepare_then_scancel(datamodule: PretrainDataModule) -> None:
-        os.kill(os.getpid(), signal.SIGTERM)  # scancel while the cache is (re)built
-        prepare(datamodule)
+    def scancel_then_tokenize_for_a_minute(batch: dict, tokenizer: object, eos_id: int) -> dict:
+        os.kill(os.getpid(), signal.SIGTERM)  # scancel while the cache is built
+        time.sleep(60)  # a long tokenization: the signal must end it, not wait for it
+        return encode_batch(batch, tokenizer, eos_id)
 
-    monkeypatch.setattr(PretrainDataModule, "prepare_data", prepare_then_scancel)
-    main(["fit", "--config", str(recipe)])  # returns: a clean stop, not a kill
-    assert "train/lm_loss" not in read_run(tmp_path / "run").scalars, "the run trained after the signal"
-    assert {entry["step"] for entry in read_manifest(tmp_path / "run" / "checkpoints")} == {0}
+    encode_batch = cache_module._encode_batch
+    monkeypatch.setattr(cache_module, "_encode_batch", scancel_then_tokenize_for_a_minute)
+    started = time.monotonic()
+    main(["fit", "--config", str(recipe)])  # returns: a clean stop (exit code 0), not a kill
+    assert time.monotonic() - started < 30, "the signal waited for the tokenization to finish"
+    assert "SIGTERM received: data preparation interrupted" in capsys.readouterr().err
+    assert list((tmp_path / "cache").iterdir()) == [], "a partial token cache was left behind"
+    assert not (tmp_path / "run" / "checkpoints" / "manifest.json").exists(), "the run trained after the signal"
+
+    monkeypatch.setattr(cache_module, "_encode_batch", encode_batch)
+    main(["fit", "--config", str(recipe)])  # the next run prepares the data again and trains
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_a_stop_signal_during_the_first_validation_ends_it_at_the_next_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = _write_recipe(tmp_path, max_steps=3)
+    main(["prepare", "--config", str(recipe)])
+    validation_step = PretrainModule.validation_step
+    batches: list[int] = []
+
+    def scancel_at_the_first_batch(module: PretrainModule, batch: torch.Tensor, batch_idx: int, *args: int) -> None:
+        batches.append(batch_idx)
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return validation_step(module, batch, batch_idx, *args)
+
+    monkeypatch.setattr(PretrainModule, "validation_step", scancel_at_the_first_batch)
+    main(["fit", "--config", str(recipe)])
+    assert batches == [0], "the validation ran on after the signal"
+    assert "SIGTERM received: validation interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists(), "the run went on to training"

@@ -4,6 +4,7 @@ and reshard; per-expert weights land where they belong. Needs the ``deepspeed`` 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,10 @@ import pytest
 import torch
 
 from sdmoe_train.checkpointing.consolidate import consolidate_checkpoint
+from sdmoe_train.checkpointing.manifest import MANIFEST_FILE, checkpoint_problem, read_manifest
 from sdmoe_train.checkpointing.model_state import model_state
+from sdmoe_train.checkpointing.recovery import recover_checkpoint_directory
+from sdmoe_train.errors import ConfigError
 from sdmoe_train.lightning.module import PretrainModule
 from sdmoe_train.parallel.expert_parallel import shard_expert_state
 from sdmoe_train.parallel.rank_files import LAYOUT_KEY, rank_file
@@ -95,6 +99,21 @@ def test_checkpoint_written_at_ep_size_2_loads_at_ep_size_1_with_identical_logit
     with torch.no_grad():
         logits = module.eval()(deepspeed_runs.evaluation_tokens())
     torch.testing.assert_close(logits, torch.load(zero2_expert_parallel / "end_logits_rank0.pt"), atol=1e-6, rtol=0)
+
+
+def test_a_directory_written_by_the_strategy_but_not_recorded_is_adopted_and_verifies(zero2_expert_parallel, tmp_path):
+    """The adoption check of start-up recovery accepts what the strategy really writes, and only that."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    unrecorded = shutil.copytree(zero2_expert_parallel / "final", checkpoints / "epoch=0-step=3.ckpt")
+    recover_checkpoint_directory(checkpoints, keep_last_k=2)
+    (entry,) = read_manifest(checkpoints)
+    assert (entry["name"], entry["step"]) == (unrecorded.name, 3)
+    assert checkpoint_problem(unrecorded) is None
+    rank_file(unrecorded, 1).unlink()  # the same directory without one rank's file is not adopted
+    (checkpoints / MANIFEST_FILE).unlink()
+    with pytest.raises(ConfigError, match="cannot be verified"):
+        recover_checkpoint_directory(checkpoints, keep_last_k=2)
 
 
 def test_checkpoint_written_at_ep_size_1_starts_an_ep_size_2_run_with_identical_logits(single_device: Path, tmp_path):

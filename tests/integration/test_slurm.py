@@ -75,7 +75,10 @@ def test_signalled_job_saves_requeues_resumes_and_finishes(tmp_path: Path, signa
         if signal_at_step:
             _wait(lambda: any(step >= signal_at_step for step, _ in read_losses(losses)), 180, "the signal step")
         else:
-            _wait(lambda: _job_field(job_id, "JobState") == "RUNNING", 60, "the job to start")
+            # RUNNING is the allocation; a signal sent before slurmd has started the batch shell is dropped by
+            # Slurm (measured: the job then trained to the end). launch.sh prints this line once its trap is set.
+            started = f"job {job_id} restart 0:"
+            _wait(lambda: log.is_file() and started in log.read_text(), 60, "the batch shell to start")
         # What `--signal=B:USR1@SECONDS` does before the time limit, delivered now.
         subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
         signalled = time.monotonic()
@@ -95,13 +98,61 @@ def test_signalled_job_saves_requeues_resumes_and_finishes(tmp_path: Path, signa
     saved = re.search(r"preemption signal: saving step (\d+), then requeue", output)
     if signal_at_step:
         assert saved is not None and signal_at_step <= int(saved.group(1)) < MAX_STEPS, output[-3000:]
-    else:  # either Python was not up yet (the shell requeued) or it saved at its first step
-        assert "requeueing it from the batch shell" in output or saved is not None, output[-3000:]
+    else:  # Python was not up yet (the shell requeued), it stopped before training, or it saved at its first step
+        stopped_early = "stopped before training: SIGUSR1 received" in output
+        assert "requeueing it from the batch shell" in output or stopped_early or saved is not None, output[-3000:]
     steps = [step for step, _ in read_losses(run_dir / "losses_rank0.txt")]
     assert set(steps) == set(range(1, MAX_STEPS + 1))
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == MAX_STEPS
     print(f"requeued job restarted {restarted_after:.1f} s after the signal")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _slurm_up(), reason="no Slurm here; run `make test-slurm` (installs a local one)")
+def test_a_job_signalled_while_it_tokenizes_requeues_itself_at_once_and_finishes(tmp_path: Path) -> None:
+    """The first attempt tokenizes for ten minutes per batch (two worker processes); USR1 must end that at
+    once, the tasks requeue the job themselves (exit 0), and the next attempt prepares the data and trains."""
+    max_steps = 20
+    recipe = write_tiny_recipe(tmp_path, max_steps=max_steps, every_n_steps=10)
+    shutil.rmtree(tmp_path / "cache")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    python = tmp_path / "python"
+    # launch.sh runs `$PYTHON -m sdmoe_train.cli fit ...`; only the first attempt tokenizes slowly.
+    python.write_text(
+        "#!/bin/sh\n"
+        f'if [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then shift 2; exec {sys.executable} -m '
+        'tests.integration.slow_tokenizing "$@"; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    log = tmp_path / "slurm.out"
+    env = {**subprocess_env(), "PYTHON": str(python), "SLOW_TOKENIZING_DIR": str(markers)}
+    submitted = subprocess.run(
+        [
+            "sbatch", "--parsable", "--cpus-per-task=1", "--time=10", f"--output={log}",
+            str(REPO / "slurm" / "single_node.sbatch"), str(recipe), "--validate_before_fit=false",
+            "--data.corpus.num_proc=2",
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        _wait(lambda: len(list(markers.iterdir())) == 2, 180, "both tokenizing workers")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+        signalled = time.monotonic()
+        _wait(lambda: (_job_field(job_id, "Restarts") or "0") != "0", 60, "the requeue")
+        requeued_after = time.monotonic() - signalled
+        _wait(lambda: _job_field(job_id, "JobState") == "COMPLETED", 300, "the requeued job to finish")
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    output = log.read_text()
+    assert "stopped before training: SIGUSR1 received: data preparation interrupted" in output, output[-3000:]
+    assert "training step exited with status 0" in output and "from the batch shell" not in output, output[-3000:]
+    assert re.search(r"restart 1:", output) and "resuming from" not in output, output[-3000:]
+    assert [step for step, _ in read_losses(tmp_path / "run" / "losses_rank0.txt")] == list(range(1, max_steps + 1))
+    print(f"requeued {requeued_after:.1f} s after the signal")
 
 
 def _submit_two_node_job(recipe: Path, log: Path) -> str:
