@@ -1,4 +1,4 @@
-"""Atomic writes and the checkpoint manifest: publish, record, prune, verify and fall back."""
+"""The checkpoint manifest: publish, record, prune, verify and fall back (atomic writes: test_io_atomic.py)."""
 
 from __future__ import annotations
 
@@ -18,27 +18,7 @@ from sdmoe_train.checkpointing.manifest import (
     verify_checkpoint,
 )
 from sdmoe_train.errors import ConfigError
-from sdmoe_train.io import atomic_path, write_text_atomically
-
-
-def test_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path: Path) -> None:
-    target = tmp_path / "out.txt"
-    write_text_atomically(target, "old")
-    # The caller's own error must come out unchanged, not one raised by the cleanup.
-    with pytest.raises(RuntimeError, match="^killed while writing$"), atomic_path(target) as temp:
-        temp.write_text("half of the new cont")
-        raise RuntimeError("killed while writing")
-    assert target.read_text() == "old"
-    assert list(tmp_path.iterdir()) == [target]
-
-
-def test_directory_output_replaces_the_old_directory_whole(tmp_path: Path) -> None:
-    target = tmp_path / "shards"
-    for version in ("one", "two"):
-        with atomic_path(target, directory=True) as temp:
-            (temp / "part-0").write_text(version)
-    assert (target / "part-0").read_text() == "two"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+from sdmoe_train.io import atomic_path
 
 
 def _save(directory: Path, step: int, keep_last_k: int | None = None, name: str | None = None) -> Path:
