@@ -314,7 +314,7 @@ class SDMoELM(TemplateLM):
             t.to(self._device, non_blocking=True) for t in (tokens_BS, batch_N, position_N)
         )
         with torch.autocast(self._device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            hidden_BSD, _ = self.model.hidden_states(tokens_BS)
+            hidden_BSD, _ = self.model.hidden_states(tokens_BS, routing_stats=False)
             logits_NV = self.model.lm_head(hidden_BSD[batch_N, position_N])
         return F.log_softmax(logits_NV.float(), dim=-1)
 
