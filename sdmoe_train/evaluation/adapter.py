@@ -10,7 +10,7 @@
   Inputs longer than the model's ``max_seq_len`` lose tokens on the left, as in lm-eval's ``hf`` model.
 - ``loglikelihood_rolling`` (perplexity): each text is cut into lm-eval's disjoint windows of ``max_seq_len``
   tokens (the first one conditioned on the end-of-text token), every window of every text is scored in the
-  same sorted batches, and a text's windows are summed.
+  same sorted batches, and a text's windows are summed (skipping the greedy check, which perplexity never reads).
 - ``generate_until``: greedy decoding, batched, until a stop sequence, the end-of-text token or
   ``max_gen_toks`` new tokens. The prompts of a batch run left-padded through the model once, filling a
   key/value cache (:meth:`Transformer.decode <sdmoe_train.models.transformer.Transformer.decode>`); then each
@@ -149,9 +149,13 @@ class SDMoELM(TemplateLM):
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
 
     def _loglikelihood_tokens(
-        self, requests: list[_TokenRequest], disable_tqdm: bool = False, **kwargs: Any
-    ) -> list[tuple[float, bool]]:
-        """(sum of log-probabilities, whether greedy decoding yields it) of each continuation."""
+        self, requests: list[_TokenRequest], disable_tqdm: bool = False, *, check_greedy: bool = True, **kwargs: Any
+    ) -> list[tuple[float, bool | None]]:
+        """(sum of log-probabilities, whether greedy decoding yields it) of each continuation.
+
+        ``check_greedy=False`` skips the argmax over the vocabulary at every scored position (rolling
+        log-likelihoods use only the sums) and gives None for the flag.
+        """
         for _, _, continuation in requests:
             if not 0 < len(continuation) <= self.max_length:
                 raise ConfigError(
@@ -164,7 +168,7 @@ class SDMoELM(TemplateLM):
             group_by="contexts",
             group_fn=lambda request: request[1] + request[2][:-1],
         )
-        results: list[tuple[float, bool]] = []
+        results: list[tuple[float, bool | None]] = []
         progress = tqdm(total=len(requests), disable=self._quiet(disable_tqdm), desc="loglikelihood")
         for chunk in collator.get_batched(n=self.batch_size):
             # The last continuation token is only predicted, never fed; overlong inputs lose the left.
@@ -179,7 +183,7 @@ class SDMoELM(TemplateLM):
                 for strings_, continuation_, logprobs_ in collator.get_cache(
                     req_str=strings, cxt_toks=context, cont_toks=continuation, logits=logprobs_MV.unsqueeze(0)
                 ):
-                    answer = _score(logprobs_[0], continuation_)
+                    answer = _score(logprobs_[0], continuation_, check_greedy)
                     results.append(answer)
                     if strings_ is not None:
                         self.cache_hook.add_partial("loglikelihood", strings_, answer)
@@ -204,7 +208,8 @@ class SDMoELM(TemplateLM):
                 windows.append((None, context, continuation))
                 owners.append(index)
         totals = [0.0] * len(requests)
-        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm), strict=True):
+        scored = self._loglikelihood_tokens(windows, disable_tqdm, check_greedy=False)
+        for owner, (logprob, _) in zip(owners, scored, strict=True):
             totals[owner] += logprob
         for request, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
@@ -314,7 +319,7 @@ class SDMoELM(TemplateLM):
             t.to(self._device, non_blocking=True) for t in (tokens_BS, batch_N, position_N)
         )
         with torch.autocast(self._device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            hidden_BSD, _ = self.model.hidden_states(tokens_BS)
+            hidden_BSD, _ = self.model.hidden_states(tokens_BS, routing_stats=False)
             logits_NV = self.model.lm_head(hidden_BSD[batch_N, position_N])
         return F.log_softmax(logits_NV.float(), dim=-1)
 
@@ -344,9 +349,10 @@ class SDMoELM(TemplateLM):
             collectives.barrier()
 
 
-def _score(logprobs_NV: Tensor, continuation: list[int]) -> tuple[float, bool]:
-    """Sum of the log-probabilities of ``continuation`` in the last len(continuation) rows, and greediness."""
+def _score(logprobs_NV: Tensor, continuation: list[int], check_greedy: bool) -> tuple[float, bool | None]:
+    """Sum of the log-probabilities of ``continuation`` in the last len(continuation) rows, and greediness
+    (None without ``check_greedy``)."""
     logprobs_NV = logprobs_NV[-len(continuation) :]
     target_N = torch.as_tensor(continuation, device=logprobs_NV.device)
-    greedy = bool((logprobs_NV.argmax(dim=-1) == target_N).all())
+    greedy = bool((logprobs_NV.argmax(dim=-1) == target_N).all()) if check_greedy else None
     return float(logprobs_NV.gather(-1, target_N.unsqueeze(-1)).sum()), greedy

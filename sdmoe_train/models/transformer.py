@@ -88,11 +88,17 @@ class Block(nn.Module):
             self.ffn = SwiGLU(config.hidden_dim, config.dense_hidden_dim)
 
     def forward(
-        self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask | None = None, cache: LayerKV | None = None
+        self,
+        x_BSD: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: DocumentMask | None = None,
+        cache: LayerKV | None = None,
+        routing_stats: bool = True,
     ) -> tuple[Tensor, MoELayerStats | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, mask, cache)
         if isinstance(self.ffn, MoELayer):
-            ffn_out, stats = self.ffn(self.ffn_norm(x_BSD))
+            ffn_out, stats = self.ffn(self.ffn_norm(x_BSD), routing_stats)
             return x_BSD + ffn_out, stats
         return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None
 
@@ -138,13 +144,19 @@ class Transformer(nn.Module):
         return TransformerOutput(self.lm_head(x_BSD), moe)
 
     def hidden_states(
-        self, tokens_BS: Tensor, document_ids_BS: Tensor | None = None, positions_BS: Tensor | None = None
+        self,
+        tokens_BS: Tensor,
+        document_ids_BS: Tensor | None = None,
+        positions_BS: Tensor | None = None,
+        routing_stats: bool = True,
     ) -> tuple[Tensor, MoEAux | None]:
         """The normalised last hidden states (B, S, D) that ``lm_head`` maps to logits, and the routing record.
 
         For callers that need logits at a few positions only (scoring continuations, greedy decoding): they
-        apply ``lm_head`` to those rows and skip most of the (B, S, V) projection. Arguments and errors as
-        in :meth:`forward`.
+        apply ``lm_head`` to those rows and skip most of the (B, S, V) projection. ``routing_stats=False``
+        (inference) also skips the MoE layers' balancing losses and routing statistics, which only training,
+        validation and monitors use: the hidden states are the same, the routing record is None. Other
+        arguments and errors as in :meth:`forward`.
         """
         seq_len = tokens_BS.shape[1]
         if seq_len > self.config.max_seq_len:
@@ -158,9 +170,11 @@ class Transformer(nn.Module):
         moe_indices, moe_stats = [], []
         for index, block in enumerate(self.blocks):
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x_BSD, stats = checkpoint(block, x_BSD, cos, sin, mask, use_reentrant=False)
+                x_BSD, stats = checkpoint(
+                    block, x_BSD, cos, sin, mask, routing_stats=routing_stats, use_reentrant=False
+                )
             else:
-                x_BSD, stats = block(x_BSD, cos, sin, mask)
+                x_BSD, stats = block(x_BSD, cos, sin, mask, routing_stats=routing_stats)
             if stats is not None:
                 moe_indices.append(index)
                 moe_stats.append(stats)
@@ -198,7 +212,7 @@ class Transformer(nn.Module):
 
         The first call feeds the prompts (left-padded to one length), each later one the tokens just chosen.
         Position for position, the result equals :meth:`hidden_states` of each row's whole sequence, to float
-        rounding.
+        rounding. Decoding is inference only: the MoE layers compute no balancing losses or routing statistics.
 
         Args:
             tokens_BS: int64 token ids.
@@ -222,7 +236,7 @@ class Transformer(nn.Module):
         )
         x_BSD = self.embed(tokens_BS)
         for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
-            x_BSD, _ = block(x_BSD, cos, sin, cache=layer_cache)
+            x_BSD, _ = block(x_BSD, cos, sin, cache=layer_cache, routing_stats=False)
         cache.finish_step()
         return self.final_norm(x_BSD)
 

@@ -52,24 +52,27 @@ class MoELayer(nn.Module):
         self.shared_experts = SwiGLU(hidden_dim, config.shared_hidden_dim) if config.num_shared_experts else None
         self.shared_expert_gate = nn.Linear(hidden_dim, 1, bias=False) if config.shared_expert_gate else None
 
-    def forward(self, x_BSD: Tensor) -> tuple[Tensor, MoELayerStats]:
+    def forward(self, x_BSD: Tensor, routing_stats: bool = True) -> tuple[Tensor, MoELayerStats | None]:
         """Mix each token's top-k routed experts and the shared experts.
 
         Args:
             x_BSD: normalised hidden states.
+            routing_stats: compute the balancing losses and routing statistics (training, validation and
+                monitors need them); False skips that work for inference, leaving the output unchanged.
 
         Returns:
-            The (B, S, D) layer output and this pass's routing statistics.
+            The (B, S, D) layer output and this pass's routing statistics (None without ``routing_stats``).
         """
         num_sequences, seq_len, hidden_dim = x_BSD.shape
         x_TD = x_BSD.reshape(-1, hidden_dim)
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, routing_stats)
         batch = self.dispatcher.dispatch(x_TD, routing.expert_ids_TK, routing.weights_TK)
         expert_out_ND = self.experts(batch.x_ND, batch.tokens_per_expert_E, batch.weights_N)
         y_TD = self.dispatcher.combine(expert_out_ND, batch)
         if self.shared_experts is not None:
             y_TD = y_TD + self._shared_output(x_TD)
-        return y_TD.view(num_sequences, seq_len, hidden_dim), self._stats(routing, num_sequences)
+        stats = self._stats(routing, num_sequences) if routing_stats else None
+        return y_TD.view(num_sequences, seq_len, hidden_dim), stats
 
     def _shared_output(self, x_TD: Tensor) -> Tensor:
         shared_TD = self.shared_experts(x_TD)

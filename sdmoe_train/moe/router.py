@@ -48,11 +48,13 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_dim))
         self.register_buffer("selection_bias", torch.zeros(config.num_experts), persistent=True)
 
-    def forward(self, x_TD: Tensor) -> RoutingDecision:
+    def forward(self, x_TD: Tensor, routing_stats: bool = True) -> RoutingDecision:
         """Route tokens.
 
         Args:
             x_TD: hidden states of T tokens, any float dtype.
+            routing_stats: whether the pass feeds the routing statistics; routers that record their own (SSMoE's
+                spectral router) skip that work when False. The decision never depends on it.
 
         Returns:
             The routing decision, computed in fp32.

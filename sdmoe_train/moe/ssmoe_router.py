@@ -120,11 +120,13 @@ class SpectralRouter(Router):
         self.last_stats: SpectralRoutingStats | None = None
         self.row_geometry: dict[str, Tensor] = {}
 
-    def forward(self, x_TD: Tensor) -> RoutingDecision:
+    def forward(self, x_TD: Tensor, routing_stats: bool = True) -> RoutingDecision:
         """Route tokens by the blended scores; aux/z-loss inputs stay those of the learned router.
 
         Args:
             x_TD: hidden states of T tokens, any float dtype.
+            routing_stats: record this pass's statistics for :meth:`diagnostics`; False (inference) keeps
+                those of the last pass that recorded them.
 
         Returns:
             The routing decision (fp32); ``logits_TE`` and ``probs_TE`` are the learned router's.
@@ -139,7 +141,8 @@ class SpectralRouter(Router):
             spectral_share_TE = spectral_share_TE * learned_scores_TE.sum(dim=-1, keepdim=True)
         scores_TE = (1.0 - self.blend) * learned_scores_TE + spectral_share_TE
         decision = self._decide(logits_TE, scores_TE, probs_TE)
-        self.last_stats = self._stats(spectral_probs_TE, learned_scores_TE, decision.expert_ids_TK)
+        if routing_stats:
+            self.last_stats = self._stats(spectral_probs_TE, learned_scores_TE, decision.expert_ids_TK)
         return decision
 
     @torch.no_grad()

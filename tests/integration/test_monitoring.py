@@ -167,8 +167,8 @@ def test_layer_subset_limits_what_is_logged_and_bad_settings_fail_early(tmp_path
 def _checkpoint_blocks(model: nn.Module) -> None:
     """Recompute every block's forward in the backward pass (activation checkpointing)."""
     for block in model.blocks:
-        block.forward = lambda x_BSD, cos, sin, mask=None, forward=block.forward: checkpoint(
-            forward, x_BSD, cos, sin, mask, use_reentrant=False
+        block.forward = lambda x_BSD, cos, sin, mask=None, forward=block.forward, **kwargs: checkpoint(
+            forward, x_BSD, cos, sin, mask, use_reentrant=False, **kwargs
         )
 
 

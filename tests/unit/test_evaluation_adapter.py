@@ -21,6 +21,7 @@ from sdmoe_train.evaluation.isolation import evaluation_mode  # noqa: E402
 from sdmoe_train.models.config import TransformerConfig  # noqa: E402
 from sdmoe_train.models.kv_cache import KVCache  # noqa: E402
 from sdmoe_train.models.transformer import Transformer  # noqa: E402
+from sdmoe_train.moe import layer as layer_module  # noqa: E402
 from tests.corpora import make_documents, make_tokenizer  # noqa: E402
 
 MAX_SEQ_LEN = 24
@@ -153,6 +154,22 @@ def test_rolling_loglikelihood_is_the_sum_of_every_tokens_log_probability(
         expected += _direct_logprob(model, window, end - start)
         start = end
     assert totals[1] == pytest.approx(expected, abs=1e-4)
+
+
+def test_scoring_and_generation_compute_no_routing_statistics(
+    model: Transformer, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lm = SDMoELM(model, tokenizer, batch_size=2)
+    expected = lm.loglikelihood([_request("loglikelihood", *pair) for pair in PAIRS])
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("inference computed a balancing loss")
+
+    monkeypatch.setattr(layer_module, "load_balance_loss", refuse)
+    with evaluation_mode(model):
+        assert lm.loglikelihood([_request("loglikelihood", *pair) for pair in PAIRS]) == expected
+        lm.loglikelihood_rolling([_request("loglikelihood_rolling", "the queen is dead")])
+        _generate(lm, ["the king"], until=[], max_gen_toks=3)
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tiny_config: TransformerConfig, tokenizer) -> None:

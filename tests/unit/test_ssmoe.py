@@ -203,6 +203,20 @@ def test_no_gradient_reaches_u_but_the_learned_router_still_trains() -> None:
     assert router.spectral_rows.grad is None
 
 
+def test_a_pass_without_routing_stats_routes_alike_and_keeps_the_last_recorded_statistics() -> None:
+    spectral = SpectralRouter(_router("sigmoid"), SSMoEConfig(enabled=True, c=0.5))
+    spectral.refresh(_bank(8, 16, 8))
+    recorded_TD, inference_TD = torch.randn(64, 16), torch.randn(64, 16)
+    spectral(recorded_TD)
+    kept = spectral.last_stats
+    routed = spectral(inference_TD, routing_stats=False)
+    assert spectral.last_stats is kept
+    expected = spectral(inference_TD)
+    assert spectral.last_stats is not kept
+    for field in ("expert_ids_TK", "weights_TK"):
+        assert torch.equal(getattr(routed, field), getattr(expected, field)), field
+
+
 def _tiny_transformer(score_fn: str = "softmax") -> Transformer:
     moe = MoEConfig(num_experts=4, top_k=2, expert_hidden_dim=16, score_fn=score_fn)
     return Transformer(TransformerConfig(vocab_size=64, hidden_dim=32, n_layers=2, max_seq_len=16, moe=moe))

@@ -15,6 +15,7 @@ from sdmoe_train.models.attention import GroupedQueryAttention, MultiHeadLatentA
 from sdmoe_train.models.config import AttentionConfig, MLAConfig, MoEConfig, TransformerConfig
 from sdmoe_train.models.rope import apply_rotary, rotary_tables
 from sdmoe_train.models.transformer import Transformer
+from sdmoe_train.moe import layer as layer_module
 from sdmoe_train.moe.layer import MoELayer
 from sdmoe_train.moe.mlp import SwiGLU
 
@@ -95,6 +96,29 @@ def test_moe_aux_loss_is_the_coefficient_weighted_sum_of_layer_losses(tiny_confi
     ).sum()
     torch.testing.assert_close(aux.loss.detach(), expected)
     assert aux.loss.item() > 0
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_inference_without_routing_stats_gives_bitwise_the_same_logits_and_computes_none(
+    tiny_config: TransformerConfig, checkpointed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Transformer(tiny_config).train(checkpointed)
+    model.activation_checkpointing = checkpointed
+    tokens = torch.randint(0, tiny_config.vocab_size, (3, 20))
+    computed = []
+    real_loss = layer_module.load_balance_loss
+    monkeypatch.setattr(layer_module, "load_balance_loss", lambda *args: computed.append(1) or real_loss(*args))
+    with torch.enable_grad():
+        full = model(tokens)
+        hidden_BSD, record = model.hidden_states(tokens, routing_stats=False)
+    assert len(computed) == _num_moe_layers(tiny_config)  # forward, which training and validation call
+    assert full.moe is not None and full.moe.loss.requires_grad
+    assert record is None
+    assert torch.equal(model.lm_head(hidden_BSD), full.logits)
+    model.eval()
+    with torch.no_grad():
+        model.decode(tokens, model.new_cache(3))
+    assert len(computed) == _num_moe_layers(tiny_config)  # neither hidden_states nor decode computed any
 
 
 def test_dense_model_returns_no_moe_aux_and_only_swiglu_layers() -> None:
